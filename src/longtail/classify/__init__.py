@@ -1,0 +1,1 @@
+"""Stage 2: classifier learning on a frozen backbone (NCM, cRT, tau-norm, LWS, SRepr)."""

@@ -1,0 +1,89 @@
+"""Feature banks of a frozen backbone, computed once and cached in the run directory.
+
+``features/<backbone>.pt`` holds ``{split: (z (N, d), y (N,))}`` for train / val / test;
+``features/swag-<tag>.pt`` holds M SWAG-sample banks ``(M, N, d)`` per split, each computed
+after re-estimating BatchNorm for that sample. Large banks are stored as float16.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from longtail.data.loader import BatchLoader
+from longtail.models.predict import collect_outputs
+from longtail.train.bn import refresh_bn
+from longtail.train.checkpoint import atomic_torch_save, verified_load
+from longtail.train.runtime import Runtime
+from longtail.train.swag import SWAG
+
+FLOAT16_ABOVE = 50_000_000  # elements; larger banks are stored as float16
+
+
+def _store(t: torch.Tensor) -> torch.Tensor:
+    return t.half() if t.numel() > FLOAT16_ABOVE else t.float()
+
+
+def extract(
+    model: nn.Module,
+    loaders: dict[str, BatchLoader],
+    rt: Runtime,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+) -> dict:
+    """``{split: (features (N, d) float32, labels (N,))}`` for the splits that have loaders."""
+    out = {}
+    for s in splits:
+        if s in loaders:
+            out[s] = collect_outputs(model, loaders[s].batches(), "features", rt.autocast())
+    return out
+
+
+def cached(path: Path, compute, log=print):
+    """Load ``path`` if present (checksum verified), else compute, save atomically, return."""
+    if path.is_file():
+        return verified_load(path)
+    t0 = time.perf_counter()
+    value = compute()
+    atomic_torch_save(value, path)
+    log(f"cached {path.name} ({time.perf_counter() - t0:.1f} s)")
+    return value
+
+
+def swag_banks(
+    model: nn.Module,
+    swag: SWAG,
+    loaders: dict[str, BatchLoader],
+    rt: Runtime,
+    num_samples: int,
+    scale: float,
+    seed: int,
+    bn_images: int,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+) -> dict:
+    """Features under ``num_samples`` SWAG weight samples: ``{split: (bank (M, N, d), y)}``.
+
+    BatchNorm is re-estimated for every sample on ``bn_images`` augmented training images
+    (all of them when 0), then each split is passed through once.
+    """
+    net = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    n_train = len(loaders["train"].ds)
+    bn_idx = np.random.default_rng(seed).permutation(n_train)
+    if bn_images > 0:
+        bn_idx = bn_idx[:bn_images]
+    banks: dict[str, list] = {s: [] for s in splits if s in loaders}
+    labels: dict[str, torch.Tensor] = {}
+    for _ in tqdm(range(num_samples), desc="SWAG samples", leave=False):
+        swag.sample(net, scale, gen)
+        refresh_bn(net, loaders["train_aug"].batches(bn_idx), rt.autocast())
+        for s in banks:
+            z, y = collect_outputs(net, loaders[s].batches(), "features", rt.autocast())
+            banks[s].append(_store(z))
+            labels[s] = y
+    return {s: (torch.stack(v), labels[s]) for s, v in banks.items()}

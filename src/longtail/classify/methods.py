@@ -1,0 +1,99 @@
+"""The stage-2 methods of Kang et al. (2020) on cached features.
+
+Each function takes training features ``z`` ``(N, d)`` (or ``(V, N, d)`` augmented views) and
+labels ``(N,)`` and returns a head mapping features to logits ``(N, C)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from longtail.classify.heads import LinearHead, NCMHead, ScaledHead, pick_view, train_head
+from longtail.evaluate.metrics import accuracy, nll
+
+
+def ncm(z: torch.Tensor, y: torch.Tensor, num_classes: int, metric: str = "euclidean") -> NCMHead:
+    """Class centroids of centred, L2-normalised training features (Kang's NCM)."""
+    z = z.float().mean(0) if z.dim() == 3 else z.float()
+    center = z.mean(0)
+    zn = F.normalize(z - center, dim=1)
+    cents = torch.zeros(num_classes, z.shape[1])
+    cents.index_add_(0, y, zn)
+    cents /= torch.bincount(y, minlength=num_classes).clamp_min(1).unsqueeze(1).float()
+    return NCMHead(cents, center, metric)
+
+
+def crt(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    epochs: int = 10,
+    lr: float = 0.2,
+    weight_decay: float = 5e-4,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> LinearHead:
+    """Classifier re-training: a fresh linear head trained with class-balanced sampling."""
+    head = LinearHead.fresh(z.shape[-1], num_classes, seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def loss(h, idx, yb):
+        return F.cross_entropy(h(pick_view(z, idx, g)), yb)
+
+    return train_head(
+        head, list(head.parameters()), loss, y, epochs, lr, weight_decay, batch_size, seed=seed
+    )
+
+
+def tau_normalize(weight: torch.Tensor, tau: float) -> LinearHead:
+    """``w_i / ||w_i||^tau``, bias dropped."""
+    norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return LinearHead(weight / norms.pow(tau), None)
+
+
+def tau_norm(
+    weight: torch.Tensor, val_z: torch.Tensor, val_y: torch.Tensor, grid: list[float]
+) -> tuple[LinearHead, float, list[dict]]:
+    """Pick tau on the validation split (best accuracy, ties by NLL); never looks at test.
+
+    Returns the head, the chosen tau and the sweep ``[{tau, val_acc, val_nll}]``.
+    """
+    sweep = []
+    for tau in grid:
+        logits = tau_normalize(weight, tau)(val_z)
+        sweep.append(
+            {"tau": float(tau), "val_acc": accuracy(logits, val_y), "val_nll": nll(logits, val_y)}
+        )
+    best = max(sweep, key=lambda r: (round(r["val_acc"], 10), -r["val_nll"]))
+    return tau_normalize(weight, best["tau"]), best["tau"], sweep
+
+
+def lws(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 5,
+    lr: float = 0.2,
+    weight_decay: float = 5e-4,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> ScaledHead:
+    """Learnable weight scaling: per-class scales on the frozen joint classifier, CB sampling."""
+    head = ScaledHead(weight, bias)
+    g = torch.Generator().manual_seed(seed)
+
+    def loss(h, idx, yb):
+        return F.cross_entropy(h(pick_view(z, idx, g)), yb)
+
+    return train_head(
+        head, [head.scale], loss, y, epochs, lr, 0.0 * weight_decay, batch_size, seed=seed
+    )
+
+
+def weight_norms(head: torch.nn.Module) -> np.ndarray | None:
+    """Per-class L2 norm of a head's (effective) weights ``(C,)``; ``None`` without weights."""
+    w = getattr(head, "weight", None)
+    return None if w is None else w.detach().float().norm(dim=1).numpy()

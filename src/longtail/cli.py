@@ -1,0 +1,199 @@
+"""The ``longtail`` command: a thin shell over the Python API.
+
+    longtail data summary --dataset fashion-mnist --imbalance 100
+    longtail train configs/fashion_mnist_lt.yaml optim.epochs=10 --out runs/fm
+    longtail classify runs/fm --method all
+    longtail demo
+
+User errors print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from longtail.errors import LongtailError
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seed must be a non-negative integer, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _imbalance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"imbalance factor must be a number >= 1, got {text!r}"
+        ) from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(
+            f"imbalance factor must be >= 1 (n_max / n_min), got {text!r}; 1 means balanced"
+        )
+    return value
+
+
+def cmd_data_summary(a: argparse.Namespace) -> int:
+    from longtail.data.longtail import imbalance_factor
+    from longtail.data.prepare import prepare_data
+    from longtail.data.shots import shot_splits
+    from longtail.evaluate.plots import class_count_histogram
+
+    s = prepare_data(
+        a.dataset, a.root, a.imbalance, a.profile, a.seed, a.val_per_class, list_dir=a.list_dir
+    )
+    counts = s.train.counts()
+    shots = shot_splits(counts, a.many, a.few).sizes()
+    print(
+        f"dataset {a.dataset}: {s.train.num_classes} classes, train {len(s.train):,} images, "
+        f"val {s.info['val_size']:,}, test {len(s.test):,}"
+    )
+    print(f"imbalance factor {imbalance_factor(counts):.4g} (profile {a.profile}, seed {a.seed})")
+    print("per-class counts:", " ".join(str(int(c)) for c in counts))
+    print(f"total: {int(counts.sum()):,}")
+    print(
+        f"shot splits: many (> {a.many}) {shots['many']}, medium {shots['medium']}, "
+        f"few (< {a.few}) {shots['few']} classes"
+    )
+    out = Path(a.out or f"{a.dataset}_lt{a.imbalance:g}_counts.png")
+    class_count_histogram(
+        counts, out, s.train.classes, f"{a.dataset} IF {a.imbalance:g}", a.many, a.few
+    )
+    print(f"histogram: {out}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from longtail.config import load_config
+    from longtail.train.loop import Stage1
+
+    if a.resume:
+        run_dir = Path(a.resume)
+        config = a.config or run_dir / "config.yaml"
+        if a.out and Path(a.out) != run_dir:
+            raise LongtailError("--resume RUN_DIR continues in RUN_DIR; drop --out")
+    else:
+        if not a.config:
+            raise LongtailError("train needs a CONFIG (e.g. configs/digits_lt.yaml)")
+        if not a.out:
+            raise LongtailError("train needs --out RUN_DIR (where checkpoints and logs go)")
+        run_dir, config = Path(a.out), a.config
+    cfg = load_config(config, a.overrides)
+    results = Stage1(cfg, run_dir, resume=bool(a.resume)).fit()
+    for k in ("final", "swa"):
+        if k in results:
+            r = results[k]
+            print(
+                f"{k} model, test: accuracy {100 * r['accuracy']:.2f}%  nll {r['nll']:.4f}  "
+                f"ece {100 * r['ece']:.2f}%"
+            )
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_classify(a: argparse.Namespace) -> int:
+    from longtail.classify.run import classify, results_table
+
+    res = classify(a.run_dir, a.method, a.overrides)
+    print(results_table(res))
+    print(f"results: {Path(a.run_dir) / 'results.json'}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from longtail.classify.run import classify, results_table
+    from longtail.config import load_config
+    from longtail.train.loop import Stage1
+
+    out = Path(a.out)
+    cfg = load_config("digits_lt", a.overrides)
+    resume = (out / "config.yaml").is_file() and not (out / "model_final.pt").is_file()
+    if not (out / "model_final.pt").is_file():
+        print(f"stage 1: ResNet-32 on digits-LT (IF {cfg.data.imbalance:g}) with SWA/SWAG -> {out}")
+        Stage1(cfg, out, resume=resume).fit()
+    print("stage 2: every classifier-learning method on the cached features")
+    res = classify(out, ["all"])
+    print(results_table(res))
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``longtail`` command."""
+    p = _Parser(prog="longtail", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="inspect datasets").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    s = data.add_parser("summary", help="per-class counts, shot splits, histogram PNG")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--imbalance", type=_imbalance, default=100.0)
+    s.add_argument("--profile", default="exp", choices=["exp", "step"])
+    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--root", default=None)
+    s.add_argument("--list-dir", default=None)
+    s.add_argument("--val-per-class", type=int, default=0)
+    s.add_argument("--many", type=int, default=100)
+    s.add_argument("--few", type=int, default=20)
+    s.add_argument("--out", default=None, help="histogram PNG path")
+    s.set_defaults(fn=cmd_data_summary)
+
+    t = sub.add_parser("train", help="stage 1: representation learning (+ SWA / SWAG)")
+    t.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/cifar10_lt.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=10")
+    t.add_argument("--out", help="run directory")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("classify", help="stage 2: classifier learning on a stage-1 run")
+    c.add_argument("run_dir")
+    c.add_argument("overrides", nargs="*", help="key=value, e.g. stage2.epochs=20")
+    c.add_argument(
+        "--method", nargs="+", default=["all"], help="joint ncm crt tau lws srepr, or all"
+    )
+    c.set_defaults(fn=cmd_classify)
+
+    d = sub.add_parser("demo", help="the whole pipeline on digits-LT, on CPU in about a minute")
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except LongtailError as e:
+        print(f"longtail: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "longtail: interrupted; the last checkpoint is intact (use --resume)", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""From a dataset name to train / val / test splits ready for training.
+
+Balanced datasets (digits, Fashion-MNIST, CIFAR) get the long-tailed subset of METHOD.md §2.1
+and a class-balanced validation hold-out disjoint from it. Natively long-tailed datasets keep
+their own lists; without a val list, a small balanced hold-out is carved from train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from longtail.data.datasets import _NATIVE_LT, ImageDataset, load_dataset
+from longtail.data.longtail import _check_seed, longtail_split
+from longtail.errors import LongtailError
+
+
+@dataclass
+class DataSplits:
+    """The three splits and how they were made (``info`` goes into the run directory)."""
+
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset
+    info: dict = field(default_factory=dict)
+
+
+def balanced_holdout(
+    labels: np.ndarray, per_class: int, seed: int = 0, max_fraction: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, holdout): up to ``per_class`` per class, never more than
+    ``max_fraction`` of a class and never a class's last image. Shapes ``(N - V,)``, ``(V,)``."""
+    rng = np.random.RandomState(seed)
+    keep, hold = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        v = min(per_class, int(len(idx) * max_fraction))
+        hold.append(idx[:v])
+        keep.append(idx[v:])
+    return np.concatenate(keep), np.concatenate(hold)
+
+
+def prepare_data(
+    dataset: str,
+    root: str | None = None,
+    imbalance: float | None = 100.0,
+    profile: str = "exp",
+    seed: int = 0,
+    val_per_class: int = 20,
+    download: bool = False,
+    list_dir: str | None = None,
+    n_max: int | None = None,
+) -> DataSplits:
+    """Load ``dataset`` and build its long-tailed train, validation and test splits.
+
+    ``imbalance`` (n_max / n_min) applies to balanced datasets; ``None`` or a natively
+    long-tailed dataset keeps the training set as it is.
+    """
+    seed = _check_seed(seed)
+    full = load_dataset(dataset, "train", root, download, list_dir)
+    test = load_dataset(dataset, "test", root, download, list_dir)
+    val = load_dataset(dataset, "val", root, download, list_dir)
+    counts = full.counts()
+    if (counts == 0).any():
+        empty = [full.classes[c] for c in np.flatnonzero(counts == 0)]
+        raise LongtailError(f"{dataset}: class(es) with no training images: {', '.join(empty)}")
+    info: dict = {"dataset": dataset, "seed": seed, "source_train_size": len(full)}
+    native = dataset.lower().replace("_", "-") in _NATIVE_LT or dataset == "folder"
+    if imbalance is not None and not native:
+        split = longtail_split(full.labels.numpy(), imbalance, profile, seed, val_per_class, n_max)
+        train = full.subset(split.train)
+        if val is None and len(split.val):
+            val = full.subset(split.val)
+        info.update(
+            imbalance=float(imbalance),
+            profile=profile,
+            subset_counts=split.subset_counts.tolist(),
+            val_borrowed=split.borrowed.tolist(),
+        )
+    else:
+        train = full
+        if val is None and val_per_class > 0:
+            keep, hold = balanced_holdout(full.labels.numpy(), val_per_class, seed)
+            train, val = full.subset(keep), full.subset(hold)
+    info.update(
+        train_counts=train.counts().tolist(),
+        val_size=0 if val is None else len(val),
+        test_size=len(test),
+    )
+    return DataSplits(train, val, test, info)

@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can fix (bad paths, values, files)."""
+
+
+class LongtailError(Exception):
+    """A user error: the message says what was wrong and how to fix it.
+
+    The CLI prints it as one line and exits with status 2, without a traceback.
+    """

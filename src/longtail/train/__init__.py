@@ -1,0 +1,1 @@
+"""Stage 1: representation learning (loop, schedules, losses, SWA, SWAG, checkpoints)."""

@@ -1,0 +1,458 @@
+"""Stage 1: train backbone + linear classifier jointly, with SWA and a SWAG posterior.
+
+Read top to bottom: set up the run directory, data, model and optimiser; resume if asked; loop
+over epochs (sample, augment, forward, backward, step, average); then re-estimate BatchNorm for
+the SWA weights and save the models the second stage needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from longtail.config import diff_configs, load_config, to_yaml
+from longtail.data.loader import BatchLoader
+from longtail.data.prepare import DataSplits, prepare_data
+from longtail.data.samplers import make_sampler
+from longtail.errors import LongtailError
+from longtail.evaluate.metrics import evaluate_logits
+from longtail.models import build_model
+from longtail.models.predict import collect_outputs
+from longtail.train.bn import refresh_bn
+from longtail.train.checkpoint import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+from longtail.train.losses import make_loss, mixup
+from longtail.train.runtime import Runtime, init_distributed, make_runtime, seed_everything
+from longtail.train.schedules import lr_at
+from longtail.train.swag import SWAG
+
+# keys that may change between a run and its resume
+RESUME_MUTABLE = (
+    "device",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "data.num_workers",
+    "data.root",
+    "data.list_dir",
+    "stage2",
+)
+
+
+def git_revision() -> str:
+    """The source tree's git commit (``unknown`` outside a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_data(cfg: DictConfig) -> DataSplits:
+    """The run's train / val / test splits from ``cfg.data``."""
+    d = cfg.data
+    return prepare_data(
+        d.dataset,
+        d.root,
+        d.imbalance,
+        d.profile,
+        d.subset_seed,
+        d.val_per_class,
+        d.download,
+        d.list_dir,
+        d.n_max,
+    )
+
+
+def make_loaders(
+    cfg: DictConfig, splits: DataSplits, rt: Runtime, batch_size: int | None = None
+) -> dict[str, BatchLoader]:
+    """``train`` (augmented), ``train_eval`` (plain), ``val`` and ``test`` loaders."""
+    d = cfg.data
+    common = {
+        "device": rt.device,
+        "padding": d.padding,
+        "flip": d.flip,
+        "image_size": d.image_size,
+        "num_workers": d.num_workers,
+        "channels_last": rt.channels_last,
+    }
+    bs = batch_size or max(cfg.optim.batch_size // rt.world_size, 1)
+    out = {
+        "train": BatchLoader(
+            splits.train, bs, train=True, seed=cfg.seed, color_jitter=d.color_jitter, **common
+        ),
+        "train_eval": BatchLoader(splits.train, 512, **common),
+        "test": BatchLoader(splits.test, 512, **common),
+    }
+    if splits.val is not None:
+        out["val"] = BatchLoader(splits.val, 512, **common)
+    return out
+
+
+def swa_start_epoch(cfg: DictConfig) -> int | None:
+    """First epoch (0-based) whose end adds a snapshot, or ``None`` without SWA."""
+    if not cfg.swa.enabled:
+        return None
+    s = cfg.swa.start
+    start = int(round(s * cfg.optim.epochs)) if s < 1 else int(s)
+    if not 0 <= start < cfg.optim.epochs:
+        raise LongtailError(f"swa.start={s} falls outside the {cfg.optim.epochs} training epochs")
+    return start
+
+
+def _prepare_run_dir(cfg: DictConfig, out: Path, resume: bool) -> DictConfig:
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise LongtailError(f"--resume: {str(out)!r} holds no config.yaml; not a run directory")
+        old = load_config(saved)
+        diffs = diff_configs(old, cfg, ignore=RESUME_MUTABLE)
+        if diffs:
+            raise LongtailError(
+                f"--resume: {out} was made with a different config; differing "
+                f"keys: {'; '.join(diffs)}"
+            )
+    elif list_checkpoints(out):
+        raise LongtailError(
+            f"{str(out)!r} already holds a training run; pass --resume to "
+            "continue it, or choose another --out"
+        )
+    return cfg
+
+
+class Stage1:
+    """Everything one stage-1 run holds; :meth:`fit` runs it to the end."""
+
+    def __init__(self, cfg: DictConfig, out: str | Path, resume: bool = False):
+        self.out = Path(out)
+        self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
+        init_distributed(self.rt)
+        self.cfg = _prepare_run_dir(cfg, self.out, resume) if self.rt.is_main else cfg
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.splits = build_data(cfg)
+        self.counts = self.splits.train.counts()
+        self.loaders = make_loaders(cfg, self.splits, self.rt)
+        self.model = build_model(
+            cfg.model.name,
+            self.splits.train.num_classes,
+            self.splits.train.channels,
+            cfg.model.weights_path,
+        )
+        self.model.to(self.rt.device)
+        if self.rt.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model
+        if self.rt.distributed:
+            if cfg.get("sync_bn", False):
+                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+            self.net = nn.parallel.DistributedDataParallel(self.net)
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+        )
+        self.scaler = torch.amp.GradScaler(enabled=self.rt.dtype == torch.float16)
+        self.loss_fn = make_loss(cfg.loss.name, self.counts, cfg.loss.tau, cfg.loss.label_smoothing)
+        self.sampler = make_sampler(
+            cfg.sampler.name,
+            self.splits.train.labels.numpy(),
+            cfg.seed,
+            cfg.sampler.q,
+            o.epochs,
+            self.rt.rank,
+            self.rt.world_size,
+        )
+        self.swa_start = swa_start_epoch(cfg)
+        self.swa_model = AveragedModel(self.model) if self.swa_start is not None else None
+        self.swag = SWAG(self.model, cfg.swa.swag_rank) if self.swa_start is not None else None
+        self.steps_per_epoch = self.loaders["train"].num_batches(len(self.sampler), drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise LongtailError(
+                f"optim.batch_size={o.batch_size} exceeds the "
+                f"{len(self.splits.train)} training images"
+            )
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        if resume:
+            self._restore()
+        if self.rt.is_main and not resume:
+            self._write_run_info()
+        self.tb = None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _write_run_info(self) -> None:
+        atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
+        atomic_write_json(
+            self.out / "run.json",
+            {
+                "git_revision": git_revision(),
+                "command": " ".join(sys.argv),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "device": str(self.rt.device),
+                "precision": self.rt.precision,
+                "world_size": self.rt.world_size,
+                "torch": torch.__version__,
+                "classes": self.splits.train.classes,
+                "data": self.splits.info,
+                "swa_start_epoch": self.swa_start,
+            },
+        )
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "swa_model": self.swa_model.state_dict() if self.swa_model is not None else None,
+            "swag": self.swag.state_dict() if self.swag is not None else None,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "aug_rng": self.loaders["train"].generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "world_size": self.rt.world_size,
+        }
+
+    def _restore(self) -> None:
+        state = load_latest_checkpoint(self.out, map_location=self.rt.device)
+        if state is None:
+            raise LongtailError(f"--resume: no checkpoint in {str(self.out)!r} yet; start afresh")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.swa_model is not None and state["swa_model"] is not None:
+            self.swa_model.load_state_dict(state["swa_model"])
+        if self.swag is not None and state["swag"] is not None:
+            self.swag.load_state_dict(state["swag"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.loaders["train"].generator.set_state(state["aug_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+
+    def _checkpoint(self) -> None:
+        if self.rt.is_main:
+            save_checkpoint(self._state(), self.out, self.epoch, self.step_in_epoch)
+
+    def _log(self, row: dict) -> None:
+        if not self.rt.is_main:
+            return
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+        for k, v in row.items():
+            if k not in ("epoch", "step") and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(k, v, row["step"])
+        self.tb.flush()
+
+    def lr(self, epoch_float: float) -> float:
+        o = self.cfg.optim
+        return lr_at(
+            epoch_float,
+            o.lr,
+            o.epochs,
+            o.warmup_epochs,
+            o.schedule,
+            list(o.milestones),
+            o.gamma,
+            self.swa_start,
+            self.cfg.swa.lr,
+            self.cfg.swa.anneal_epochs,
+        )
+
+    def _average(self) -> None:
+        self.swa_model.update_parameters(self.model)
+        self.swag.collect(self.model)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict:
+        """Metrics of ``model`` on ``split`` (``val`` or ``test``)."""
+        logits, labels = collect_outputs(
+            model, self.loaders[split].batches(), autocast=self.rt.autocast()
+        )
+        d = self.cfg.data
+        return evaluate_logits(logits, labels, self.counts, d.many_shot, d.few_shot)
+
+    # ------------------------------------------------------------------ the loop
+    def train_epoch(self) -> dict:
+        """One epoch (or its remainder after a resume); returns summary numbers."""
+        cfg, rt, e = self.cfg, self.rt, self.epoch
+        bs = self.loaders["train"].batch_size
+        indices = self.sampler.shard(e)[self.step_in_epoch * bs :]
+        if self.step_in_epoch == 0:  # a fresh epoch: augmentation stream keyed to (seed, epoch)
+            self.loaders["train"].generator.manual_seed(cfg.seed * 100_003 + e)
+        self.net.train()
+        total = self.steps_per_epoch
+        bar = tqdm(
+            total=total,
+            initial=self.step_in_epoch,
+            desc=f"epoch {e + 1}/{cfg.optim.epochs}",
+            unit="step",
+            disable=not (rt.is_main and sys.stderr.isatty()),
+            leave=False,
+        )
+        loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        for x, y in self.loaders["train"].batches(indices, drop_last=True):
+            lr = self.lr(e + (self.step_in_epoch + 1) / total)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            target = y
+            if cfg.loss.mixup_alpha > 0:
+                x, target = mixup(
+                    x, y, len(self.counts), cfg.loss.mixup_alpha, self.loaders["train"].generator
+                )
+            with rt.autocast():
+                logits = self.net(x)
+                loss = self.loss_fn(logits, target)
+            if not torch.isfinite(loss):
+                good = list_checkpoints(self.out)
+                raise LongtailError(
+                    f"loss became {loss.item()} at epoch {e + 1}, step {self.step_in_epoch + 1} "
+                    f"(lr {lr:.4g}); stopped. The last good checkpoint "
+                    f"{str(good[-1]) if good else '(none yet)'} is intact. Lower optim.lr, "
+                    "raise optim.warmup_epochs or set optim.grad_clip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step_in_epoch += 1
+            self.global_step += 1
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            every = cfg.swa.every_steps
+            if self.swa_start is not None and every > 0 and e >= self.swa_start:  # noqa: SIM102
+                if self.global_step % every == 0:
+                    self._average()
+            if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0:
+                self._checkpoint()
+            rate = seen * rt.world_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            bar.update()
+        bar.close()
+        dt = time.perf_counter() - t0
+        if self.swa_start is not None and cfg.swa.every_steps == 0 and e >= self.swa_start:
+            self._average()
+        return {
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "img_per_s": seen * rt.world_size / max(dt, 1e-9),
+            "epoch_seconds": dt,
+        }
+
+    def fit(self) -> dict:
+        """Train to the last epoch, then finalise SWA/SWAG; returns the test metrics."""
+        cfg = self.cfg
+        while self.epoch < cfg.optim.epochs:
+            stats = self.train_epoch()
+            row = {"epoch": self.epoch + 1, "step": self.global_step, **stats}
+            if "val" in self.loaders:
+                v = self.evaluate(self.model, "val")
+                row.update(val_acc=v["accuracy"], val_nll=v["nll"], val_ece=v["ece"])
+            row["swa_snapshots"] = self.swag.n if self.swag is not None else 0
+            self._log(row)
+            if self.rt.is_main:
+                msg = " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in row.items()
+                    if k != "step"
+                )
+                print(msg, flush=True)
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self._checkpoint()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Save the final and SWA models (BN re-estimated) and their test metrics."""
+        results = {"final": self.evaluate(self.model, "test")}
+        if self.rt.is_main:
+            atomic_torch_save(self.model.state_dict(), self.out / "model_final.pt")
+        if self.swa_model is not None and self.swag.n > 0:
+            swa = copy.deepcopy(self.swa_model.module)
+            refresh_bn(swa, self.bn_batches(), self.rt.autocast())
+            results["swa"] = self.evaluate(swa, "test")
+            if "val" in self.loaders:
+                results["swa_val"] = self.evaluate(swa, "val")
+            if self.rt.is_main:
+                atomic_torch_save(swa.state_dict(), self.out / "model_swa.pt")
+                atomic_torch_save(self.swag.state_dict(), self.out / "swag.pt")
+        if "val" in self.loaders:
+            results["final_val"] = self.evaluate(self.model, "val")
+        if self.rt.is_main:
+            atomic_write_json(self.out / "stage1.json", results)
+            if self.tb is not None:
+                self.tb.close()
+        return results
+
+    def bn_batches(self):
+        """Augmented training batches for BatchNorm re-estimation (``swa.bn_batches`` caps)."""
+        loader = self.loaders["train"]
+        idx = np.random.default_rng(self.cfg.seed).permutation(len(self.splits.train))
+        limit = self.cfg.swa.bn_batches
+        if limit > 0:
+            idx = idx[: limit * loader.batch_size]
+        return loader.batches(idx)
+
+
+def train(
+    cfg: DictConfig | str, out: str | Path, overrides: list[str] | None = None, resume: bool = False
+) -> dict:
+    """Run stage 1 from a config (object or YAML path) into run directory ``out``."""
+    if not isinstance(cfg, DictConfig):
+        cfg = load_config(cfg, overrides)
+    elif overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    return Stage1(cfg, out, resume).fit()
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    """The resolved config saved in a run directory."""
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        raise LongtailError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    return load_config(p)
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """``run.json`` of a run directory."""
+    return json.loads((Path(run_dir) / "run.json").read_text())

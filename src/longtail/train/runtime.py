@@ -1,0 +1,101 @@
+"""Device, precision, seeding and distributed-process facts for one run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from longtail.errors import LongtailError
+
+
+@dataclass
+class Runtime:
+    """Where and how a run computes.
+
+    ``dtype`` is the autocast dtype (``None`` for fp32); ``rank``/``world_size`` come from
+    torchrun's environment when it launched the process.
+    """
+
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context (a no-op in fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def make_runtime(
+    device: str = "auto", precision: str = "auto", channels_last: bool = True
+) -> Runtime:
+    """Resolve ``auto`` choices: CUDA when present, bf16 where the hardware runs it fast."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LongtailError(
+                f"device {device!r} asked for but CUDA is not available; use device=cpu"
+            )
+        torch.cuda.set_device(dev)
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise LongtailError("precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Runtime(dev, dtype, channels_last, rank, world, local)
+
+
+def init_distributed(rt: Runtime) -> None:
+    """Join the torchrun process group: NCCL on GPUs, gloo on CPU."""
+    if rt.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False

@@ -1,0 +1,45 @@
+"""Learning-rate schedules as a function of fractional epoch (warm-up, step, cosine, SWA)."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(
+    epoch: float,
+    base_lr: float,
+    epochs: int,
+    warmup_epochs: float = 0.0,
+    schedule: str = "step",
+    milestones: list[float] | tuple = (),
+    gamma: float = 0.1,
+    swa_start: float | None = None,
+    swa_lr: float = 0.01,
+    swa_anneal_epochs: float = 0.0,
+) -> float:
+    """Learning rate at fractional ``epoch`` (0 < epoch <= epochs; pass the epoch reached
+    after the step, ``e + (step + 1) / steps_per_epoch``).
+
+    Linear warm-up over ``warmup_epochs``; then ``step`` (x ``gamma`` at each milestone epoch),
+    ``cosine`` (to 0 at ``epochs``) or ``constant``. From ``swa_start`` on (when given), the lr
+    anneals with a cosine from its value at ``swa_start`` to ``swa_lr`` over
+    ``swa_anneal_epochs`` and stays there (Izmailov et al.; Nam et al.'s SWA schedule).
+    """
+
+    def base(e: float) -> float:
+        if warmup_epochs > 0 and e < warmup_epochs:
+            return base_lr * max(e, 1e-3) / warmup_epochs
+        if schedule == "step":
+            return base_lr * gamma ** sum(e >= m for m in milestones)
+        if schedule == "cosine":
+            span = max(epochs - warmup_epochs, 1e-8)
+            return 0.5 * base_lr * (1 + math.cos(math.pi * min((e - warmup_epochs) / span, 1.0)))
+        return base_lr
+
+    if swa_start is None or epoch < swa_start:
+        return base(epoch)
+    start_lr = base(swa_start)
+    if swa_anneal_epochs <= 0 or epoch >= swa_start + swa_anneal_epochs:
+        return swa_lr
+    t = (epoch - swa_start) / swa_anneal_epochs
+    return swa_lr + (start_lr - swa_lr) * 0.5 * (1 + math.cos(math.pi * t))
