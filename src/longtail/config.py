@@ -115,6 +115,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training step (a few % on CPU; more on GPU)
+    sync_bn: bool = False  # SyncBatchNorm under torchrun (DDP)
     deterministic: bool = False
     checkpoint_every_steps: int = 0
     log_every_steps: int = 50

@@ -36,11 +36,17 @@ def extract(
     rt: Runtime,
     splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> dict:
-    """``{split: (features (N, d) float32, labels (N,))}`` for the splits that have loaders."""
+    """``{split: (features (N, d) float32, labels (N,))}`` for the splits that have loaders.
+
+    ``seconds``, when given, receives the wall time of each split's pass.
+    """
     out = {}
     for s in splits:
         if s in loaders:
+            t0 = time.perf_counter()
             out[s] = collect_outputs(model, loaders[s].batches(), "features", rt.autocast())
+            if seconds is not None:
+                seconds[f"extract_{s}"] = time.perf_counter() - t0
     return out
 
 

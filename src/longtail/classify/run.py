@@ -88,7 +88,7 @@ class Stage2:
         t0 = time.perf_counter()
         feats = cached(
             self.dir / "features" / f"{self.backbone}.pt",
-            lambda: extract(self.model, self.loaders, self.rt),
+            lambda: extract(self.model, self.loaders, self.rt, seconds=self.timings),
             self.log,
         )
         self.timings.setdefault("features", time.perf_counter() - t0)

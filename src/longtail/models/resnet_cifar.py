@@ -36,9 +36,9 @@ class BasicBlock(nn.Module):
             self.shortcut = _PadShortcut(planes - in_planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu_(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -67,7 +67,7 @@ class CifarResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, 64)`` of images ``(B, C_in, H, W)``."""
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.layers(out)
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 

@@ -167,11 +167,13 @@ class Stage1:
         self.model.to(self.rt.device)
         if self.rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.net: nn.Module = self.model
+        if self.rt.distributed and cfg.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.net: nn.Module = self.model  # what the training step calls (DDP / compiled)
         if self.rt.distributed:
-            if cfg.get("sync_bn", False):
-                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
             self.net = nn.parallel.DistributedDataParallel(self.net)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         o = cfg.optim
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),

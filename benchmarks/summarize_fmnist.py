@@ -1,0 +1,103 @@
+"""Markdown tables from the runs of benchmarks/fmnist_stage1.sh.
+
+python benchmarks/summarize_fmnist.py runs/bench-fmnist
+"""
+
+from __future__ import annotations
+
+import json
+import statistics as st
+import sys
+from pathlib import Path
+
+SEEDS = (0, 1, 2)
+
+
+def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± std' (sample std over seeds) of ``values`` times ``scale``."""
+    v = [x * scale for x in values]
+    sd = st.stdev(v) if len(v) > 1 else 0.0
+    return f"{st.mean(v):.{digits}f} ± {sd:.{digits}f}"
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def stage1_tables(root: Path) -> None:
+    runs = {p: [load(root / f"{p}-s{s}" / "stage1.json") for s in SEEDS] for p in ("bf16", "fp32")}
+    print("### bf16 vs fp32 (final SGD model, test set)\n")
+    print("| precision | seeds | accuracy % | NLL | ECE % |")
+    print("|---|---|---|---|---|")
+    for p, rs in runs.items():
+        print(
+            f"| {p} | {len(rs)} | {ms([r['final']['accuracy'] for r in rs])} | "
+            f"{ms([r['final']['nll'] for r in rs], 1, 3)} | "
+            f"{ms([r['final']['ece'] for r in rs])} |"
+        )
+    diff = [
+        a["final"]["accuracy"] - b["final"]["accuracy"] for a, b in zip(*runs.values(), strict=True)
+    ]
+    print(
+        f"\nbf16 − fp32 accuracy per seed: {', '.join(f'{100 * d:+.2f}' for d in diff)}; "
+        f"mean {100 * st.mean(diff):+.2f} points\n"
+    )
+    print("### SWA vs the final SGD model of the same run (test set)\n")
+    print("| precision | model | accuracy % | few % | NLL | ECE % |")
+    print("|---|---|---|---|---|---|")
+    for p, rs in runs.items():
+        for m in ("final", "swa"):
+            print(
+                f"| {p} | {m} | {ms([r[m]['accuracy'] for r in rs])} | "
+                f"{ms([r[m]['few'] or 0.0 for r in rs])} | {ms([r[m]['nll'] for r in rs], 1, 3)}"
+                f" | {ms([r[m]['ece'] for r in rs])} |"
+            )
+        da = [r["swa"]["accuracy"] - r["final"]["accuracy"] for r in rs]
+        dn = [r["swa"]["nll"] - r["final"]["nll"] for r in rs]
+        print(f"| {p} | SWA − final | {ms(da)} | | {ms(dn, 1, 3)} | |")
+    print()
+
+
+def stage2_tables(root: Path, prefix: str = "bf16") -> None:
+    res = [load(root / f"{prefix}-s{s}" / "results.json") for s in SEEDS]
+    names = list(res[0]["methods"])
+    print(f"### Stage 2 on the {prefix} runs ({res[0]['backbone']} backbone), test set\n")
+    print(
+        "| method | accuracy % | many % | medium % | few % | NLL | ECE % | Brier | "
+        "NLL (TS) | ECE % (TS) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in names:
+        rs = [r["methods"][n] for r in res]
+
+        def col(k, scale=100.0, digits=2, rs=rs):
+            return ms([x[k] if x[k] is not None else float("nan") for x in rs], scale, digits)
+
+        ts = [x["ts"] for x in rs]
+        print(
+            f"| {n} | {col('accuracy')} | {col('many')} | {col('medium')} | {col('few')} | "
+            f"{col('nll', 1, 3)} | {col('ece')} | {col('brier', 1, 3)} | "
+            f"{ms([t['nll'] for t in ts], 1, 3)} | {ms([t['ece'] for t in ts])} |"
+        )
+    alphas = [r["methods"]["srepr"]["info"]["alpha"] for r in res if "srepr" in r["methods"]]
+    taus = [r["methods"]["tau"]["info"]["tau"] for r in res if "tau" in r["methods"]]
+    print(f"\nchosen on validation: tau {taus}, srepr alpha {alphas}\n")
+    print("### Stage-2 wall time (seconds) per seed\n")
+    keys = ["extract_train", "ncm", "crt", "tau", "lws", "srepr"]
+    print("| seed | " + " | ".join(keys) + " | (2M+2) x extract_train |")
+    print("|---" * (len(keys) + 2) + "|")
+    for s, r in zip(SEEDS, res, strict=True):
+        t = r["timings"]
+        m = r["methods"]["srepr"]["info"]["samples"] if "srepr" in r["methods"] else 0
+        bound = (2 * m + 2) * t.get("extract_train", float("nan"))
+        print(
+            f"| {s} | "
+            + " | ".join(f"{t.get(k, float('nan')):.2f}" for k in keys)
+            + f" | {bound:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-fmnist")
+    stage1_tables(root)
+    stage2_tables(root)
