@@ -3,6 +3,7 @@
     longtail data summary --dataset fashion-mnist --imbalance 100
     longtail train configs/fashion_mnist_lt.yaml optim.epochs=10 --out runs/fm
     longtail classify runs/fm --method all
+    longtail report runs/fm [runs/fm-seed1 ...] [--out DIR]
     longtail demo
 
 User errors print one line and exit with status 2; no traceback.
@@ -11,6 +12,7 @@ User errors print one line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +43,11 @@ def _imbalance(text: str) -> float:
             f"imbalance factor must be >= 1 (n_max / n_min), got {text!r}; 1 means balanced"
         )
     return value
+
+
+def _is_main_process() -> bool:
+    """False on torchrun ranks other than 0, which stay quiet."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_data_summary(a: argparse.Namespace) -> int:
@@ -77,6 +84,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from longtail.config import load_config
     from longtail.train.loop import Stage1
 
+    if a.config and "=" in a.config and not Path(a.config).is_file():
+        # `train --resume RUN key=value`: argparse gave the first override to CONFIG
+        a.overrides, a.config = [a.config, *a.overrides], None
     if a.resume:
         run_dir = Path(a.resume)
         config = a.config or run_dir / "config.yaml"
@@ -90,6 +100,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         run_dir, config = Path(a.out), a.config
     cfg = load_config(config, a.overrides)
     results = Stage1(cfg, run_dir, resume=bool(a.resume)).fit()
+    if not _is_main_process():
+        return 0
     for k in ("final", "swa"):
         if k in results:
             r = results[k]
@@ -105,6 +117,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
 
     res = classify(a.run_dir, a.method, a.overrides)
+    if not _is_main_process():
+        return 0
     print(results_table(res))
     print(f"results: {Path(a.run_dir) / 'results.json'}")
     return 0
@@ -125,6 +139,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
     res = classify(out, ["all"])
     print(results_table(res))
     print(f"results: {out / 'results.json'}")
+    from longtail.evaluate.report import write_report
+
+    html_path, _ = write_report([out])
+    print(f"report: {html_path}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from longtail.evaluate.report import write_report
+
+    html_path, md_path = write_report(a.run_dirs, a.out)
+    print(f"report: {html_path}")
+    print(f"markdown: {md_path}")
     return 0
 
 
@@ -172,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(fn=cmd_classify)
 
+    r = sub.add_parser("report", help="HTML + Markdown report of one or more classified runs")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="several: mean ± std (seeds)")
+    r.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
+    r.set_defaults(fn=cmd_report)
+
     d = sub.add_parser("demo", help="the whole pipeline on digits-LT, on CPU in about a minute")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--out", default="runs/demo")
@@ -193,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             "longtail: interrupted; the last checkpoint is intact (use --resume)", file=sys.stderr
         )
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from longtail.data.loader import BatchLoader
 from longtail.models.predict import collect_outputs
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import atomic_torch_save, verified_load
+from longtail.train.distributed import average_bn_buffers, gather_rows, world
 from longtail.train.runtime import Runtime
 from longtail.train.swag import SWAG
 
@@ -35,6 +36,7 @@ def extract(
     loaders: dict[str, BatchLoader],
     rt: Runtime,
     splits: tuple[str, ...] = ("train", "val", "test"),
+    seconds: dict[str, float] | None = None,
 ) -> dict:
     """``{split: (features (N, d) float32, labels (N,))}`` for the splits that have loaders.
 
@@ -44,10 +46,21 @@ def extract(
     for s in splits:
         if s in loaders:
             t0 = time.perf_counter()
-            out[s] = collect_outputs(model, loaders[s].batches(), "features", rt.autocast())
+            out[s] = sharded_features(model, loaders[s], rt)
             if seconds is not None:
                 seconds[f"extract_{s}"] = time.perf_counter() - t0
     return out
+
+
+def sharded_features(model: nn.Module, loader: BatchLoader, rt: Runtime):
+    """Features ``(N, d)`` and labels ``(N,)`` of a whole split; under torchrun each rank
+    passes ``1/W`` of the split and the shards are gathered on every rank."""
+    rank, ws = world()
+    idx = np.arange(len(loader.ds))[rank::ws] if ws > 1 else None
+    z, y = collect_outputs(model, loader.batches(idx), "features", rt.autocast())
+    if ws > 1:
+        z, y = gather_rows(z, len(loader.ds)), gather_rows(y, len(loader.ds))
+    return z, y
 
 
 def cached(path: Path, compute, log=print):
@@ -56,8 +69,9 @@ def cached(path: Path, compute, log=print):
         return verified_load(path)
     t0 = time.perf_counter()
     value = compute()
-    atomic_torch_save(value, path)
-    log(f"cached {path.name} ({time.perf_counter() - t0:.1f} s)")
+    if world()[0] == 0:
+        atomic_torch_save(value, path)
+        log(f"cached {path.name} ({time.perf_counter() - t0:.1f} s)")
     return value
 
 
@@ -83,13 +97,16 @@ def swag_banks(
     bn_idx = np.random.default_rng(seed).permutation(n_train)
     if bn_images > 0:
         bn_idx = bn_idx[:bn_images]
+    rank, ws = world()
+    bn_idx = bn_idx[rank::ws]
     banks: dict[str, list] = {s: [] for s in splits if s in loaders}
     labels: dict[str, torch.Tensor] = {}
     for _ in tqdm(range(num_samples), desc="SWAG samples", leave=False):
         swag.sample(net, scale, gen)
         refresh_bn(net, loaders["train_aug"].batches(bn_idx), rt.autocast())
+        average_bn_buffers(net)
         for s in banks:
-            z, y = collect_outputs(net, loaders[s].batches(), "features", rt.autocast())
+            z, y = sharded_features(net, loaders[s], rt)
             banks[s].append(_store(z))
             labels[s] = y
     return {s: (torch.stack(v), labels[s]) for s, v in banks.items()}

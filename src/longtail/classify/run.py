@@ -25,7 +25,7 @@ from longtail.evaluate.tables import format_table
 from longtail.models import build_model
 from longtail.train.checkpoint import atomic_write_json, verified_load
 from longtail.train.loop import build_data, make_loaders
-from longtail.train.runtime import make_runtime, seed_everything
+from longtail.train.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.swag import SWAG
 
 METHODS = ("joint", "ncm", "crt", "tau", "lws", "srepr")
@@ -55,6 +55,7 @@ class Stage2:
         self.log = log
         cfg, s2 = self.cfg, self.cfg.stage2
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
+        init_distributed(self.rt)
         seed_everything(cfg.seed)
         self.splits = build_data(cfg)
         self.counts = self.splits.train.counts()
@@ -244,11 +245,19 @@ class Stage2:
             return head(feats[split][0]).float()
 
     def _evaluate(self, feats: dict, heads: dict, info: dict) -> dict:
+        from longtail.evaluate.metrics import reliability_bins
+
         d, s2 = self.cfg.data, self.cfg.stage2
         results: dict[str, dict] = {}
         for name, head in heads.items():
             lt = self._logits(name, head, "test", feats)
             r = evaluate_logits(lt, feats["test"][1], self.counts, d.many_shot, d.few_shot)
+            # test reliability bins (15, as ECE) for the report's diagrams; NaN -> None
+            rb = reliability_bins(torch.softmax(lt.double(), dim=1), feats["test"][1], 15)
+            r["reliability"] = {
+                k: [None if v != v else (int(v) if k == "count" else float(v)) for v in rb[k]]
+                for k in ("count", "accuracy", "confidence")
+            }
             if "val" in feats:
                 lv = self._logits(name, head, "val", feats)
                 r["val"] = evaluate_logits(
@@ -278,7 +287,8 @@ class Stage2:
             "methods": results,
         }
         name = "results.json" if s2.backbone == "auto" else f"results-{self.backbone}.json"
-        atomic_write_json(self.dir / name, out)
+        if self.rt.is_main:
+            atomic_write_json(self.dir / name, out)
         return out
 
 

@@ -170,7 +170,10 @@ def load_cifar(
     if not all((base / f).is_file() for f in files + [meta_file]):
         raise _missing(root, layout, "Pass --root DIR, or download=True when online")
     meta = _read_pickle(base / meta_file)
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
+    classes = [
+        c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+        for c in meta.get(names_key, [])
+    ]
     if len(classes) != num_classes:
         raise LongtailError(
             f"{base / meta_file}: expected {num_classes} class names under "
@@ -181,14 +184,18 @@ def load_cifar(
         batch = _read_pickle(base / f)
         if b"data" not in batch or labels_key not in batch:
             raise LongtailError(f"{base / f}: missing b'data' or {labels_key!r}")
-        arr = np.asarray(batch[b"data"], dtype=np.uint8)
-        if arr.ndim != 2 or arr.shape[1] != 3072 or arr.shape[0] != len(batch[labels_key]):
+        try:
+            arr = np.asarray(batch[b"data"])
+            ys = [int(v) for v in batch[labels_key]]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise LongtailError(f"{base / f}: b'data' / labels are not numeric arrays ({e})") from e
+        if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != 3072 or len(arr) != len(ys):
             raise LongtailError(
-                f"{base / f}: b'data' must be N x 3072 uint8 matching the labels, "
-                f"got shape {arr.shape}"
+                f"{base / f}: b'data' must be N x 3072 uint8 matching the labels ({len(ys)}), "
+                f"got {arr.dtype} of shape {arr.shape}"
             )
         data.append(arr.reshape(-1, 3, 32, 32))
-        labels.extend(int(v) for v in batch[labels_key])
+        labels.extend(ys)
     images = torch.from_numpy(np.concatenate(data))
     return _in_memory(f"cifar{num_classes}", images, labels, classes)
 

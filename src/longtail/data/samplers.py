@@ -44,13 +44,19 @@ class LongTailSampler:
     def epoch_indices(self, epoch: int) -> np.ndarray:
         raise NotImplementedError
 
-    def shard(self, epoch: int) -> np.ndarray:
-        """This rank's share of the epoch's draw, padded by wrap-around to equal length."""
-        draw = self.epoch_indices(epoch)
-        total = len(self) * self.world_size
+    def shard(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's share of the epoch's draw from global position ``start`` on.
+
+        The remainder ``draw[start:]`` is padded by wrap-around to a multiple of the world size
+        and rank ``r`` takes every ``W``-th element from ``r``; skipping ``start`` global draws
+        is the same for any world size, so a run can resume on a different number of ranks.
+        """
+        draw = self.epoch_indices(epoch)[start:]
+        w = self.world_size
+        total = -(-len(draw) // w) * w
         if total > len(draw):
             draw = np.concatenate([draw, draw[: total - len(draw)]])
-        return draw[self.rank :: self.world_size]
+        return draw[self.rank :: w]
 
     def _from_class_sequence(self, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Map a sequence of class ids to images, each class cycling its own shuffled list."""

@@ -114,5 +114,15 @@ def load_latest_checkpoint(
     try:
         return verified_load(ckpts[-1], map_location)
     except LongtailError as e:
-        prev = f"; the previous checkpoint {str(ckpts[-2])!r} is intact" if len(ckpts) > 1 else ""
-        raise LongtailError(f"{e}{prev}: delete the bad file to resume from it") from None
+        offer = ""
+        for prev in reversed(ckpts[:-1]):
+            try:
+                verified_load(prev, "cpu")
+            except LongtailError:
+                continue
+            offer = (
+                f"; the previous checkpoint {str(prev)!r} is intact: delete "
+                f"{ckpts[-1].name} and resume again to continue from it"
+            )
+            break
+        raise LongtailError(f"{e}{offer or '; no intact earlier checkpoint'}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import subprocess
@@ -40,6 +41,7 @@ from longtail.train.checkpoint import (
     load_latest_checkpoint,
     save_checkpoint,
 )
+from longtail.train.distributed import average_bn_buffers, convert_sync_bn
 from longtail.train.losses import make_loss, mixup
 from longtail.train.runtime import Runtime, init_distributed, make_runtime, seed_everything
 from longtail.train.schedules import lr_at
@@ -153,7 +155,12 @@ class Stage1:
         self.out = Path(out)
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
         init_distributed(self.rt)
-        self.cfg = _prepare_run_dir(cfg, self.out, resume) if self.rt.is_main else cfg
+        if cfg.optim.batch_size % self.rt.world_size:
+            raise LongtailError(
+                f"optim.batch_size={cfg.optim.batch_size} (the global batch) must be divisible "
+                f"by the {self.rt.world_size} processes"
+            )
+        self.cfg = _prepare_run_dir(cfg, self.out, resume)
         seed_everything(cfg.seed, cfg.deterministic)
         self.splits = build_data(cfg)
         self.counts = self.splits.train.counts()
@@ -168,10 +175,11 @@ class Stage1:
         if self.rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.rt.distributed and cfg.sync_bn:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = convert_sync_bn(self.model, self.rt.device)
         self.net: nn.Module = self.model  # what the training step calls (DDP / compiled)
         if self.rt.distributed:
-            self.net = nn.parallel.DistributedDataParallel(self.net)
+            ids = [self.rt.device] if self.rt.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if cfg.compile:
             self.net = torch.compile(self.net)
         o = cfg.optim
@@ -258,6 +266,22 @@ class Stage1:
         self.global_step = state["global_step"]
         self.loaders["train"].generator.set_state(state["aug_rng"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
+        self._truncate_log(self.epoch)
+
+    def _truncate_log(self, epochs_done: int) -> None:
+        """Drop metrics rows of epochs the resumed run will redo (written after the checkpoint)."""
+        path = self.out / "metrics.csv"
+        if not self.rt.is_main or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
+        if len(keep) < len(rows):
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(keep)
+            atomic_write_text(path, buf.getvalue())
 
     def _checkpoint(self) -> None:
         if self.rt.is_main:
@@ -313,10 +337,9 @@ class Stage1:
     def train_epoch(self) -> dict:
         """One epoch (or its remainder after a resume); returns summary numbers."""
         cfg, rt, e = self.cfg, self.rt, self.epoch
-        bs = self.loaders["train"].batch_size
-        indices = self.sampler.shard(e)[self.step_in_epoch * bs :]
-        if self.step_in_epoch == 0:  # a fresh epoch: augmentation stream keyed to (seed, epoch)
-            self.loaders["train"].generator.manual_seed(cfg.seed * 100_003 + e)
+        indices = self.sampler.shard(e, start=self.step_in_epoch * cfg.optim.batch_size)
+        if self.step_in_epoch == 0:  # a fresh epoch: augmentation keyed to (seed, epoch, rank)
+            self.loaders["train"].generator.manual_seed(cfg.seed * 100_003 + e + 7919 * rt.rank)
         self.net.train()
         total = self.steps_per_epoch
         bar = tqdm(
@@ -412,6 +435,7 @@ class Stage1:
         if self.swa_model is not None and self.swag.n > 0:
             swa = copy.deepcopy(self.swa_model.module)
             refresh_bn(swa, self.bn_batches(), self.rt.autocast())
+            average_bn_buffers(swa)
             results["swa"] = self.evaluate(swa, "test")
             if "val" in self.loaders:
                 results["swa_val"] = self.evaluate(swa, "val")
@@ -432,8 +456,8 @@ class Stage1:
         idx = np.random.default_rng(self.cfg.seed).permutation(len(self.splits.train))
         limit = self.cfg.swa.bn_batches
         if limit > 0:
-            idx = idx[: limit * loader.batch_size]
-        return loader.batches(idx)
+            idx = idx[: limit * self.cfg.optim.batch_size]
+        return loader.batches(idx[self.rt.rank :: self.rt.world_size])
 
 
 def train(

@@ -1,0 +1,65 @@
+"""Shared tiny stage-1 runs on digits-LT (CPU, fp32), trained once per test session.
+
+``swa_run``: 6 epochs, SWA/SWAG from epoch 3 with a snapshot every 2 steps (rank 5).
+``plain_run``: 3 epochs with ``swa.enabled=false``.
+Tests may read these run directories and run stage 2 in them (which adds ``features/`` and
+``results.json``); they must not retrain into them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from longtail.config import load_config
+from longtail.train.loop import Stage1
+
+# The test machine's cores are shared with other work: one intra-op thread avoids the heavy
+# oversubscription slowdown (a tiny run is ~6x faster than with 2 contended threads).
+torch.set_num_threads(1)
+
+TINY = [
+    "device=cpu",
+    "optim.epochs=6",
+    "swa.start=3",
+    "swa.every_steps=2",
+    "swa.swag_rank=5",
+    "precision=fp32",
+    "stage2.srepr_samples=3",
+    "stage2.epochs=5",
+    "stage2.srepr_epochs=5",
+    "stage2.lws_epochs=3",
+]
+NO_SWA = [*TINY, "optim.epochs=3", "swa.enabled=false"]
+
+
+@dataclass
+class TinyRun:
+    dir: Path
+    cfg: DictConfig
+    overrides: list[str]
+    results: dict  # what Stage1.fit() returned
+    seconds: float
+
+
+def _train(tmp_path_factory: pytest.TempPathFactory, name: str, overrides: list[str]) -> TinyRun:
+    out = tmp_path_factory.mktemp(name) / "run"
+    cfg = load_config("digits_lt", overrides)
+    t0 = time.perf_counter()
+    results = Stage1(cfg, out).fit()
+    return TinyRun(out, cfg, list(overrides), results, time.perf_counter() - t0)
+
+
+@pytest.fixture(scope="session")
+def swa_run(tmp_path_factory) -> TinyRun:
+    return _train(tmp_path_factory, "swa_run", TINY)
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory) -> TinyRun:
+    return _train(tmp_path_factory, "plain_run", NO_SWA)
