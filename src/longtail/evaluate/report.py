@@ -1,0 +1,584 @@
+"""``longtail report RUN_DIR [RUN_DIR ...]``: one HTML and one Markdown report of stage-2 results.
+
+Reads each run directory's ``results.json`` (written by ``longtail classify``), ``metrics.csv``,
+``run.json`` and ``config.yaml`` (written by ``longtail train``) and writes into the output folder
+
+- ``report.html``: self-contained, every figure embedded as a base64 ``data:image/png`` URI, no
+  script;
+- ``report.md`` with its figures as PNG files in ``report_figures/`` beside it.
+
+Several run directories (e.g. the same recipe at several seeds) are summarised as mean ± std
+(sample standard deviation, ``ddof=1``) per method and metric; their figures show means (per-class
+accuracy, weight norms), pooled bins (reliability diagrams) or every run (stage-1 curves). The best
+value of each column is bold: highest for accuracies, lowest for NLL, ECE and Brier; values equal
+at the printed precision tie.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from longtail.errors import LongtailError
+from longtail.evaluate import plots
+from longtail.train.checkpoint import atomic_write_text
+
+__all__ = ["COLUMNS", "TS_COLUMNS", "RunData", "comparison_table", "load_run", "write_report"]
+
+FIGURE_DIR = "report_figures"
+
+# (key in results.json, header, higher is better, shown in percent)
+COLUMNS: tuple[tuple[str, str, bool, bool], ...] = (
+    ("accuracy", "acc", True, True),
+    ("many", "many", True, True),
+    ("medium", "medium", True, True),
+    ("few", "few", True, True),
+    ("nll", "NLL", False, False),
+    ("ece", "ECE", False, True),
+    ("brier", "Brier", False, False),
+)
+# Post-hoc temperature scaling (the ``ts`` entry), shown when any method has it.
+TS_COLUMNS: tuple[tuple[str, str, bool | None, bool], ...] = (
+    ("temperature", "T", None, False),
+    ("nll", "NLL (TS)", False, False),
+    ("ece", "ECE (TS)", False, True),
+    ("brier", "Brier (TS)", False, False),
+)
+# Kang et al.'s weight-norm figure: the methods with a linear classifier worth comparing.
+WEIGHT_NORM_METHODS = ("joint", "crt", "tau", "lws", "srepr")
+
+
+@dataclass
+class RunData:
+    """What the report reads from one run directory."""
+
+    dir: Path
+    results: dict
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """A short name for the run: its folder name."""
+        return self.dir.name or str(self.dir)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_metrics(path: Path) -> dict[str, list[float]]:
+    """``metrics.csv`` as ``{column: [value per row]}``; empty cells and non-numbers are NaN."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k is None:
+                continue
+            try:
+                x = float(v) if v not in (None, "") else math.nan
+            except ValueError:
+                x = math.nan
+            cols.setdefault(k, []).append(x)
+    return cols
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read the files of one run directory that the report needs.
+
+    Raises:
+        LongtailError: the directory does not exist, or has no (readable) ``results.json``.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise LongtailError(f"{str(run_dir)!r} is not a directory: give a run directory")
+    path = d / "results.json"
+    if not path.is_file():
+        raise LongtailError(
+            f"{str(run_dir)!r} has no results.json: run `longtail classify {run_dir}` first "
+            "(stage 2 writes the results the report is made of)"
+        )
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LongtailError(f"{path} is not readable JSON ({e}); rerun `longtail classify`") from e
+    if not isinstance(results, dict) or not results.get("methods"):
+        raise LongtailError(f"{path} holds no method results; rerun `longtail classify {d}`")
+    info, config = {}, {}
+    if (d / "run.json").is_file():
+        try:
+            info = json.loads((d / "run.json").read_text())
+        except ValueError:
+            info = {}
+    if (d / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            config = {}
+    return RunData(d, results, _read_metrics(d / "metrics.csv"), info, config)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _method_names(runs: Sequence[RunData]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [m for m in r.results["methods"] if m not in names]
+    return names
+
+
+def _values(runs: Sequence[RunData], method: str, key: str, sub: str | None = None) -> list[float]:
+    """The non-missing values of ``methods[method][sub][key]`` over the runs."""
+    out = []
+    for r in runs:
+        m = r.results["methods"].get(method)
+        if m is None:
+            continue
+        src = m.get(sub) if sub else m
+        v = src.get(key) if isinstance(src, dict) else None
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out.append(float(v))
+    return out
+
+
+def _stat(values: list[float]) -> tuple[float, float | None] | None:
+    """(mean, sample std or None for a single value), or None without values."""
+    if not values:
+        return None
+    a = np.asarray(values)
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
+
+
+def _fmt(stat: tuple[float, float | None] | None, percent: bool, digits: int | None = None) -> str:
+    if stat is None:
+        return "–"
+    mean, std = stat
+    scale = 100.0 if percent else 1.0
+    d = digits if digits is not None else (2 if percent else 3)
+    text = f"{mean * scale:.{d}f}"
+    if std is not None:
+        text += f" ± {std * scale:.{d}f}"
+    return text
+
+
+def comparison_table(
+    runs: Sequence[RunData],
+) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """The comparison table of every method over the runs.
+
+    Returns:
+        ``(header, rows, best)``: ``rows[i]`` is the method name then one formatted cell per
+        column (accuracies and ECE in percent, ``mean ± std`` with several runs); ``best[i][j]``
+        says whether cell ``j`` of row ``i`` is the best of its column (ties at the printed
+        precision all marked; nothing is marked in a column where every method ties).
+    """
+    names = _method_names(runs)
+    has_ts = any("ts" in m for r in runs for m in r.results["methods"].values())
+    columns: list[tuple[str, str, bool | None, bool, str | None]] = [
+        (k, h, hi, pc, None) for k, h, hi, pc in COLUMNS
+    ]
+    if has_ts:
+        columns += [(k, h, hi, pc, "ts") for k, h, hi, pc in TS_COLUMNS]
+    header = ["method"] + [c[1] for c in columns]
+    rows, keys = [], []
+    n_runs = len(runs)
+    for name in names:
+        present = sum(name in r.results["methods"] for r in runs)
+        label = name if present == n_runs else f"{name} ({present}/{n_runs} runs)"
+        row, key_row = [label], [None]
+        for key, _, _, percent, sub in columns:
+            stat = _stat(_values(runs, name, key, sub))
+            cell = _fmt(stat, percent, 2 if key == "temperature" else None)
+            row.append(cell)
+            # compare on the printed mean so that printed ties tie
+            key_row.append(None if stat is None else float(cell.split(" ")[0]))
+        rows.append(row)
+        keys.append(key_row)
+    best = [[False] * len(header) for _ in rows]
+    for j, (_, _, higher, _, _) in enumerate(columns, start=1):
+        vals = [k[j] for k in keys if k[j] is not None]
+        if higher is None or len(vals) < 2 or min(vals) == max(vals):
+            continue  # no best without a comparison (a single value, or all tied)
+        target = max(vals) if higher else min(vals)
+        for i, k in enumerate(keys):
+            best[i][j] = k[j] is not None and k[j] == target
+    return header, rows, best
+
+
+def _mean_lists(lists: list[list[float | None]]) -> list[float]:
+    """Element-wise mean ignoring ``None`` (NaN where every run is missing)."""
+    a = np.array([[np.nan if v is None else float(v) for v in x] for x in lists], dtype=float)
+    out = np.full(a.shape[1], np.nan)
+    ok = ~np.isnan(a).all(axis=0)
+    out[ok] = np.nanmean(a[:, ok], axis=0)
+    return out.tolist()
+
+
+def _pooled_bins(entries: list[dict]) -> dict[str, list[float]]:
+    """Reliability bins of several runs pooled: counts summed, accuracy / confidence weighted."""
+    count = np.zeros(len(entries[0]["count"]))
+    acc_sum, conf_sum = np.zeros_like(count), np.zeros_like(count)
+    for e in entries:
+        n = np.array([0 if v is None else v for v in e["count"]], dtype=float)
+        a = np.array([0.0 if v is None else v for v in e["accuracy"]], dtype=float)
+        c = np.array([0.0 if v is None else v for v in e["confidence"]], dtype=float)
+        count += n
+        acc_sum += a * n
+        conf_sum += c * n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(count > 0, acc_sum / count, np.nan)
+        conf = np.where(count > 0, conf_sum / count, np.nan)
+    return {"count": count.tolist(), "accuracy": acc.tolist(), "confidence": conf.tolist()}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass
+class _Figure:
+    key: str
+    title: str
+    caption: str
+    path: Path | None = None  # None: not drawn, ``caption`` says why
+
+
+def _shot_thresholds(run: RunData) -> tuple[int, int]:
+    data = run.config.get("data") or {}
+    return int(data.get("many_shot", 100)), int(data.get("few_shot", 20))
+
+
+def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
+    first = runs[0]
+    counts = np.asarray(first.results["train_counts"])
+    classes = first.results.get("classes")
+    names = _method_names(runs)
+    many, few = _shot_thresholds(first)
+    dataset = (first.info.get("data") or {}).get("dataset", "")
+    figs: list[_Figure] = []
+
+    f = _Figure("class_counts", "Training set: images per class", "")
+    f.path = plots.class_count_histogram(
+        counts,
+        fig_dir / "class_counts.png",
+        classes,
+        f"{dataset + ': ' if dataset else ''}{len(counts)} classes, {int(counts.sum()):,} "
+        f"training images (max / min {counts.max() / max(counts.min(), 1):.3g})",
+        many,
+        few,
+    )
+    f.caption = (
+        f"Log scale; dashed: many-shot threshold (> {many} images), dotted: few-shot (< {few})."
+    )
+    figs.append(f)
+
+    per_class = {}
+    for m in names:
+        lists = [r.results["methods"][m]["per_class"] for r in runs if m in r.results["methods"]]
+        lists = [x for x in lists if x]
+        if lists:
+            per_class[m] = _mean_lists(lists)
+    f = _Figure("per_class", "Per-class test accuracy against training count", "")
+    if per_class:
+        path = fig_dir / "per_class_accuracy.png"
+        f.path = plots.per_class_accuracy_plot(counts, per_class, path)
+        f.caption = "One line per method; x log scale" + (
+            f"; mean over {len(runs)} runs." if len(runs) > 1 else "."
+        )
+    else:
+        f.caption = "No per-class accuracies in results.json."
+    figs.append(f)
+
+    norms = {}
+    for m in WEIGHT_NORM_METHODS:
+        lists = [
+            r.results["methods"][m].get("weight_norm") for r in runs if m in r.results["methods"]
+        ]
+        lists = [x for x in lists if x]
+        if lists:
+            norms[m] = _mean_lists(lists)
+    f = _Figure("weight_norm", "Classifier weight norm per class (Kang et al.)", "")
+    if norms:
+        f.path = plots.weight_norm_plot(counts, norms, fig_dir / "weight_norms.png")
+        f.caption = (
+            "L2 norm of each class's (effective) weight vector, classes sorted from the most to "
+            "the fewest training images. Joint training's norms follow class size; re-balanced "
+            "classifiers flatten them. τ-norm's are ‖w‖^(1−τ)."
+        )
+    else:
+        f.caption = "No linear classifier weights in results.json."
+    figs.append(f)
+
+    bins, titles = {}, {}
+    for m in names:
+        entries = [
+            r.results["methods"][m]["reliability"]
+            for r in runs
+            if m in r.results["methods"] and r.results["methods"][m].get("reliability")
+        ]
+        if entries:
+            bins[m] = entries[0] if len(entries) == 1 else _pooled_bins(entries)
+            titles[m] = f"{m}: ECE {_fmt(_stat(_values(runs, m, 'ece')), True)}%"
+    f = _Figure("reliability", "Reliability diagrams (test set, 15 bins)", "")
+    if bins:
+        f.path = plots.reliability_diagrams(bins, fig_dir / "reliability.png", titles)
+        f.caption = (
+            "Blue bars: accuracy per confidence bin; dark red tick: the bin's mean confidence, "
+            "the gap hatched in red (above the bar: over-confident, inside it: "
+            "under-confident); grey: share of test examples per bin; dashed: perfect "
+            "calibration. Raw softmax, before temperature scaling."
+            + (f" Bins pooled over {len(runs)} runs." if len(runs) > 1 else "")
+        )
+    else:
+        f.caption = (
+            "results.json has no reliability bins (written by an older `longtail classify`); "
+            "rerun `longtail classify RUN_DIR` to get them."
+        )
+    figs.append(f)
+
+    curves = [(r.label, r.metrics) for r in runs if r.metrics.get("epoch")]
+    f = _Figure("curves", "Stage 1: training curves", "")
+    if curves:
+        starts = [r.info.get("swa_start_epoch") for r in runs if r.metrics.get("epoch")]
+        f.path = plots.training_curves(curves, fig_dir / "stage1_curves.png", starts)
+        f.caption = (
+            "Per epoch from metrics.csv; solid: training, dashed: validation. The dotted vertical "
+            "line marks the start of SWA (its first epoch begins there)."
+            if any(s is not None for s in starts)
+            else "Per epoch from metrics.csv; solid: training, dashed: validation. No SWA."
+        )
+    else:
+        f.caption = "No metrics.csv in the run directory."
+    figs.append(f)
+    return figs
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _choices(runs: Sequence[RunData]) -> list[str]:
+    """One line per hyper-parameter chosen on the validation split (first run)."""
+    out = []
+    methods = runs[0].results["methods"]
+
+    def chosen(method: str, key: str) -> list:
+        return [((r.results["methods"].get(method) or {}).get("info") or {}).get(key) for r in runs]
+
+    tau = (methods.get("tau") or {}).get("info") or {}
+    if "tau" in tau:
+        vals = chosen("tau", "tau")
+        out.append(
+            "τ-norm: τ = "
+            + ", ".join(f"{v:g}" for v in vals if v is not None)
+            + " (validation accuracy)"
+        )
+    sr = (methods.get("srepr") or {}).get("info") or {}
+    if "alpha" in sr:
+        vals = chosen("srepr", "alpha")
+        out.append(
+            "SRepr: α = "
+            + ", ".join(f"{v:g}" for v in vals if v is not None)
+            + f" (validation NLL), T = {sr.get('temperature')}, M = {sr.get('samples')} SWAG "
+            f"samples at scale {sr.get('scale')}"
+        )
+    return out
+
+
+def _summary(runs: Sequence[RunData]) -> list[tuple[str, str]]:
+    first = runs[0]
+    data = first.info.get("data") or {}
+    counts = first.results["train_counts"]
+    many, few = _shot_thresholds(first)
+    c = np.asarray(counts)
+    items = [
+        ("runs", ", ".join(str(r.dir) for r in runs)),
+        (
+            "dataset",
+            f"{data.get('dataset', '?')} (imbalance factor {_num(data.get('imbalance'))}, "
+            f"profile {data.get('profile', '?')})",
+        ),
+        ("model", str((first.config.get("model") or {}).get("name", "?"))),
+        ("stage-2 backbone", str(first.results.get("backbone", "?"))),
+        (
+            "classes",
+            f"{len(counts)}: many-shot (> {many}) {int((c > many).sum())}, medium "
+            f"{int(((c >= few) & (c <= many)).sum())}, few-shot (< {few}) "
+            f"{int((c < few).sum())}",
+        ),
+        ("training images", f"{int(c.sum()):,}"),
+    ]
+    if len(runs) > 1:
+        items.append(("aggregation", f"mean ± sample std over {len(runs)} runs"))
+    return items
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else "?"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _markdown(
+    title: str, summary, header, rows, best, choices, figs: list[_Figure], md_dir: Path
+) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- **{k}**: {_md_cell(v)}" for k, v in summary]
+    lines += ["", "## Comparison of classifier-learning methods (test set)", ""]
+    lines += [
+        "Accuracies and ECE in percent, NLL in nats, Brier in its multi-class sum form (0..2). "
+        "Bold: best of the column (higher accuracy, lower NLL / ECE / Brier)."
+        + (
+            " TS: after temperature scaling fitted on the validation split."
+            if "T" in header
+            else ""
+        ),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for row, b in zip(rows, best, strict=True):
+        cells = [f"**{_md_cell(c)}**" if bb else _md_cell(c) for c, bb in zip(row, b, strict=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if choices:
+        lines += ["", "Chosen on the validation split:", ""] + [f"- {c}" for c in choices]
+    for f in figs:
+        lines += ["", f"## {f.title}", ""]
+        if f.path is not None:
+            rel = f.path.relative_to(md_dir).as_posix()
+            lines += [f"![{f.title}]({rel})", ""]
+        lines.append(f.caption)
+    return "\n".join(lines) + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1150px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.92em;font-variant-numeric:tabular-nums}
+th,td{padding:.3em .7em;border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
+td.best{background:#eaf4ea}img{max-width:100%;height:auto}
+figure{margin:1em 0}figcaption{font-size:.9em;color:#555}dl{display:grid;
+grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
+.note{font-size:.9em;color:#555}
+"""
+
+
+def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure]) -> str:
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        "<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in summary) + "</dl>",
+        "<h2>Comparison of classifier-learning methods (test set)</h2>",
+        '<p class="note">Accuracies and ECE in percent, NLL in nats, Brier in its multi-class sum '
+        "form (0..2). <b>Bold</b>: best of the column (higher accuracy, lower NLL / ECE / Brier)."
+        + (
+            " TS: after temperature scaling fitted on the validation split."
+            if "T" in header
+            else ""
+        )
+        + "</p>",
+        '<table id="comparison"><thead><tr>'
+        + "".join(f'<th scope="col">{e(h)}</th>' for h in header)
+        + "</tr></thead><tbody>",
+    ]
+    for row, b in zip(rows, best, strict=True):
+        cells = []
+        for j, (c, bb) in enumerate(zip(row, b, strict=True)):
+            if j == 0:
+                cells.append(f'<th scope="row">{e(c)}</th>')
+            elif bb:
+                cells.append(f'<td class="best"><b>{e(c)}</b></td>')
+            else:
+                cells.append(f"<td>{e(c)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    if choices:
+        out.append(
+            '<p class="note">Chosen on the validation split:</p><ul>'
+            + "".join(f"<li>{e(c)}</li>" for c in choices)
+            + "</ul>"
+        )
+    for f in figs:
+        out.append(f'<h2 id="{f.key}">{e(f.title)}</h2><figure>')
+        if f.path is not None:
+            data = base64.b64encode(f.path.read_bytes()).decode("ascii")
+            out.append(f'<img src="data:image/png;base64,{data}" alt="{e(f.title)}">')
+        out.append(f"<figcaption>{e(f.caption)}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report(
+    run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path | None = None
+) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` for one or several run directories.
+
+    Args:
+        run_dirs: run directories that ``longtail classify`` has finished (each holds
+            ``results.json``); several are summarised as mean ± std per method and metric.
+        out_dir: where to write; default the first run directory. ``report.md``'s figures go to
+            ``out_dir/report_figures/``; ``report.html`` embeds them and needs nothing else.
+
+    Returns:
+        ``(html_path, md_path)``.
+
+    Raises:
+        LongtailError: no run directory, a run directory without ``results.json`` (run
+            ``longtail classify`` first), or runs with different numbers of classes.
+    """
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    if not run_dirs:
+        raise LongtailError("report needs at least one RUN_DIR")
+    runs = [load_run(d) for d in run_dirs]
+    n_classes = {len(r.results["train_counts"]) for r in runs}
+    if len(n_classes) > 1:
+        raise LongtailError(
+            "the run directories have different numbers of classes "
+            f"({', '.join(str(len(r.results['train_counts'])) for r in runs)}): "
+            "report runs of the same dataset together"
+        )
+    out = Path(out_dir) if out_dir is not None else runs[0].dir
+    out.mkdir(parents=True, exist_ok=True)
+    fig_dir = out / FIGURE_DIR
+
+    data = runs[0].info.get("data") or {}
+    title = "longtail report" + (
+        f": {data['dataset']}-LT, imbalance factor {_num(data.get('imbalance'))}"
+        if data.get("dataset")
+        else ""
+    )
+    header, rows, best = comparison_table(runs)
+    figs = _figures(runs, fig_dir)
+    summary = _summary(runs)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    summary.append(("written", stamp))
+    choices = _choices(runs)
+
+    md_path, html_path = out / "report.md", out / "report.html"
+    atomic_write_text(md_path, _markdown(title, summary, header, rows, best, choices, figs, out))
+    atomic_write_text(html_path, _html(title, summary, header, rows, best, choices, figs))
+    return html_path, md_path
