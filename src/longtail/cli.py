@@ -155,6 +155,13 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from longtail.sweep import sweep
+
+    sweep(a.recipe, a.seeds, a.out, a.overrides, tuple(a.method), a.vary_subset)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``--help`` still shows the usage)."""
 
@@ -203,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="several: mean ± std (seeds)")
     r.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
     r.set_defaults(fn=cmd_report)
+
+    w = sub.add_parser("sweep", help="stage 1 per seed + every stage-2 method, mean ± std")
+    w.add_argument("recipe", help="YAML recipe or shipped recipe name")
+    w.add_argument("overrides", nargs="*", help="key=value, applied to every seed")
+    w.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2])
+    w.add_argument("--out", required=True, help="folder for seed<N>/ runs and the report")
+    w.add_argument("--method", nargs="+", default=["all"])
+    w.add_argument(
+        "--vary-subset",
+        action="store_true",
+        help="also draw the long-tailed subset with each seed (data.subset_seed)",
+    )
+    w.set_defaults(fn=cmd_sweep)
 
     d = sub.add_parser("demo", help="the whole pipeline on digits-LT, on CPU in about a minute")
     d.add_argument("overrides", nargs="*")

@@ -333,9 +333,13 @@ def load_list_dataset(
     num_classes: int | None = None,
     classes: list[str] | None = None,
 ) -> ImageDataset:
-    """A file-backed dataset from a list file; class names default to the label numbers."""
+    """A file-backed dataset from a list file; class names default to the label numbers.
+
+    ``num_classes`` bounds the labels (an error names the line of one out of range); the
+    dataset has ``max(label) + 1`` classes unless ``classes`` names them.
+    """
     paths, labels = read_list_file(list_path, root, num_classes)
-    n = num_classes or (max(labels) + 1)
+    n = len(classes) if classes else max(labels) + 1
     return ImageDataset(
         labels=labels, classes=classes or [str(i) for i in range(n)], paths=paths, name=name
     )
@@ -428,6 +432,16 @@ def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def register_dataset(name: str, loader: Callable[..., ImageDataset | None]) -> None:
+    """Make :func:`load_dataset` know ``name``.
+
+    ``loader(split, root=..., download=..., list_dir=...)`` returns the split, or ``None`` for a
+    ``val`` split the dataset does not have. The loader must keep no state between calls (the
+    ``root`` argument says where the data is), so several runs in one process never interfere.
+    """
+    _REGISTRY[name.lower().replace("_", "-")] = loader
+
+
 def load_dataset(
     name: str,
     split: str = "train",
@@ -447,6 +461,18 @@ def load_dataset(
     if split not in ("train", "val", "test"):
         raise LongtailError(f"unknown split {split!r}; use train, val or test")
     return _REGISTRY[key](split, root=root, download=download, list_dir=list_dir)
+
+
+def _folder_split(root: Path, split: str) -> ImageDataset | None:
+    """``root/<split>/<class>/<image>``; val and test use train's class folders as labels."""
+    if split == "val" and not (root / "val").is_dir():
+        return None
+    classes = None
+    if split != "train" and (root / "train").is_dir():
+        classes = sorted(
+            p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+    return load_image_folder(root / split, name="folder", classes=classes)
 
 
 def _needs_root(name: str, root: str | None) -> Path:
@@ -471,11 +497,7 @@ _REGISTRY.update(
             if split == "val"
             else load_cifar(_needs_root("cifar100", root), split, 100, download)
         ),
-        "folder": lambda split, root=None, **_: (
-            load_image_folder(_needs_root("folder", root) / split, name="folder")
-            if (Path(root or ".") / split).is_dir() or split != "val"
-            else None
-        ),
+        "folder": lambda split, root=None, **_: _folder_split(_needs_root("folder", root), split),
     }
 )
 for _name in _NATIVE_LT:

@@ -7,12 +7,12 @@ their own lists; without a val list, a small balanced hold-out is carved from tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from longtail.data.datasets import _NATIVE_LT, ImageDataset, load_dataset
-from longtail.data.longtail import _check_seed, longtail_split
+from longtail.data.longtail import _check_seed, imbalance_factor, longtail_split
 from longtail.errors import LongtailError
 
 
@@ -41,6 +41,12 @@ def balanced_holdout(
     return np.concatenate(keep), np.concatenate(hold)
 
 
+def _align_classes(*splits: ImageDataset | None) -> list[ImageDataset | None]:
+    """Give list-file splits one class list: the longest of them (labels are indices)."""
+    longest = max((s.classes for s in splits if s is not None), key=len)
+    return [None if s is None else replace(s, classes=list(longest)) for s in splits]
+
+
 def prepare_data(
     dataset: str,
     root: str | None = None,
@@ -61,12 +67,14 @@ def prepare_data(
     full = load_dataset(dataset, "train", root, download, list_dir)
     test = load_dataset(dataset, "test", root, download, list_dir)
     val = load_dataset(dataset, "val", root, download, list_dir)
+    native = dataset.lower().replace("_", "-") in _NATIVE_LT or dataset in ("folder", "user")
+    if dataset.lower().replace("_", "-") in _NATIVE_LT:
+        full, val, test = _align_classes(full, val, test)
     counts = full.counts()
     if (counts == 0).any():
         empty = [full.classes[c] for c in np.flatnonzero(counts == 0)]
         raise LongtailError(f"{dataset}: class(es) with no training images: {', '.join(empty)}")
     info: dict = {"dataset": dataset, "seed": seed, "source_train_size": len(full)}
-    native = dataset.lower().replace("_", "-") in _NATIVE_LT or dataset == "folder"
     if imbalance is not None and not native:
         split = longtail_split(full.labels.numpy(), imbalance, profile, seed, val_per_class, n_max)
         train = full.subset(split.train)
@@ -83,6 +91,7 @@ def prepare_data(
         if val is None and val_per_class > 0:
             keep, hold = balanced_holdout(full.labels.numpy(), val_per_class, seed)
             train, val = full.subset(keep), full.subset(hold)
+        info.update(imbalance=imbalance_factor(train.counts()), profile="native")
     info.update(
         train_counts=train.counts().tolist(),
         val_size=0 if val is None else len(val),

@@ -1,0 +1,120 @@
+"""``longtail sweep RECIPE --seeds 0 1 2``: stage 1 per seed, every stage-2 method, one table.
+
+For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done); stage
+2 runs on the SWA features (``results.json``) and, when the run has SWA, also on the final SGD
+model's features (``results-final.json``), so both can be compared. The aggregate (mean ± std
+over seeds) is printed, written to ``OUT/summary.json`` and rendered as ``OUT/report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from longtail.classify.run import classify
+from longtail.config import load_config
+from longtail.evaluate.report import comparison_table, load_run, write_report
+from longtail.train.checkpoint import atomic_write_json, list_checkpoints
+from longtail.train.loop import Stage1
+
+SUMMARY_KEYS = ("accuracy", "many", "medium", "few", "nll", "ece", "brier")
+
+
+def run_seed(
+    recipe: str, seed: int, out: Path, overrides: list[str], vary_subset: bool, log=print
+) -> Path:
+    """Stage 1 of one seed into ``out/seed<seed>`` (resuming a stopped run); returns the dir."""
+    run = out / f"seed{seed}"
+    extra = [f"seed={seed}"] + ([f"data.subset_seed={seed}"] if vary_subset else [])
+    cfg = load_config(recipe, [*overrides, *extra])
+    if (run / "stage1.json").is_file():
+        log(f"seed {seed}: stage 1 already done in {run}")
+        return run
+    resume = bool(list_checkpoints(run))
+    log(f"seed {seed}: stage 1 -> {run}" + (" (resuming)" if resume else ""))
+    Stage1(cfg, run, resume=resume).fit()
+    return run
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Fixed-width plain-text rendering of a header and rows of cells."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def summarize(runs: list[Path], results_name: str = "results.json") -> dict[str, dict]:
+    """``{method: {metric: mean, metric_std: std, n: runs}}`` over the runs' results files."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        res = json.loads((r / results_name).read_text())
+        for m, vals in res["methods"].items():
+            for k in SUMMARY_KEYS:
+                if vals.get(k) is not None:
+                    per.setdefault(m, {}).setdefault(k, []).append(float(vals[k]))
+    out: dict[str, dict] = {}
+    for m, d in per.items():
+        out[m] = {"n": len(next(iter(d.values())))}
+        for k, v in d.items():
+            out[m][k] = statistics.fmean(v)
+            out[m][f"{k}_std"] = statistics.stdev(v) if len(v) > 1 else 0.0
+    return out
+
+
+def sweep(
+    recipe: str,
+    seeds: list[int],
+    out: str | Path,
+    overrides: list[str] | None = None,
+    methods: tuple[str, ...] = ("all",),
+    vary_subset: bool = False,
+    log=print,
+) -> dict:
+    """Run the whole protocol for every seed and aggregate; returns the summary dict."""
+    out = Path(out)
+    overrides = list(overrides or [])
+    runs = []
+    for seed in seeds:
+        run = run_seed(recipe, seed, out, overrides, vary_subset, log)
+        if not (run / "results.json").is_file():
+            classify(run, list(methods), log=log)
+        if (run / "model_swa.pt").is_file() and not (run / "results-final.json").is_file():
+            sgd = (
+                [m for m in methods if m != "srepr"]
+                if "all" not in methods
+                else ["joint", "ncm", "crt", "tau", "lws"]
+            )
+            classify(run, sgd, ["stage2.backbone=final"], log=log)
+        runs.append(run)
+    summary = {
+        "recipe": recipe,
+        "seeds": list(seeds),
+        "overrides": overrides,
+        "swa_features": summarize(runs),
+    }
+    loaded = [load_run(r) for r in runs]
+    log(f"\nstage 2 on {loaded[0].results['backbone']} features, {len(runs)} seed(s):")
+    header, rows, _ = comparison_table(loaded)
+    log(text_table(header, rows))
+    if all((r / "results-final.json").is_file() for r in runs):
+        summary["sgd_features"] = summarize(runs, "results-final.json")
+        sgd_runs = [
+            replace(r, results=json.loads((r.dir / "results-final.json").read_text()))
+            for r in loaded
+        ]
+        header, rows, _ = comparison_table(sgd_runs)
+        log("\nstage 2 on the final SGD model's features:")
+        log(text_table(header, rows))
+    atomic_write_json(out / "summary.json", summary)
+    html, _ = write_report(runs, out)
+    log(f"\nsummary: {out / 'summary.json'}\nreport: {html}")
+    return summary
