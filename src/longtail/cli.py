@@ -16,33 +16,24 @@ import os
 import sys
 from pathlib import Path
 
+from longtail.data.longtail import _check_imbalance, _check_seed
 from longtail.errors import LongtailError
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seed must be a non-negative integer, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
-    return value
+def _argtype(check):
+    """An argparse ``type=`` from a validator of the data layer (one source of the rules)."""
+
+    def parse(text: str):
+        try:
+            return check(text)
+        except LongtailError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
-def _imbalance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"imbalance factor must be a number >= 1, got {text!r}"
-        ) from None
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(
-            f"imbalance factor must be >= 1 (n_max / n_min), got {text!r}; 1 means balanced"
-        )
-    return value
+_seed = _argtype(_check_seed)
+_imbalance = _argtype(_check_imbalance)
 
 
 def _is_main_process() -> bool:

@@ -16,26 +16,31 @@ from longtail.errors import LongtailError
 PROFILES = ("exp", "step")
 
 
-def _check_imbalance(imbalance: float) -> float:
+def _check_imbalance(imbalance: float | str) -> float:
+    """The imbalance factor as a float >= 1, or a LongtailError naming the value given."""
+    given = imbalance
     try:
         imbalance = float(imbalance)
     except (TypeError, ValueError):
-        raise LongtailError(f"imbalance factor must be a number >= 1, got {imbalance!r}") from None
-    if not imbalance >= 1.0:  # also rejects NaN
+        raise LongtailError(f"imbalance factor must be a number >= 1, got {given!r}") from None
+    if not 1.0 <= imbalance < float("inf"):  # also rejects NaN
         raise LongtailError(
-            f"imbalance factor must be >= 1 (n_max / n_min), got {imbalance:g}; use 1 for balanced"
+            f"imbalance factor must be a finite number >= 1 (n_max / n_min), got {given!r}; "
+            "use 1 for balanced"
         )
     return imbalance
 
 
 def _check_seed(seed: object) -> int:
+    """The seed as an int in [0, 2**32), or a LongtailError naming the value given."""
+    given = seed
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
             seed = int(seed)
         else:
             raise LongtailError(f"seed must be a non-negative integer, got {seed!r}")
     if seed < 0 or seed >= 2**32:
-        raise LongtailError(f"seed must lie in [0, 2**32 - 1], got {seed}")
+        raise LongtailError(f"seed must be a non-negative integer below 2**32, got {given!r}")
     return int(seed)
 
 
