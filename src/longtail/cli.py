@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -105,25 +106,30 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_classify(a: argparse.Namespace) -> int:
-    from longtail.classify.run import classify, results_table
+    from longtail.classify.run import classify, results_path, results_table
 
     res = classify(a.run_dir, a.method, a.overrides)
     if not _is_main_process():
         return 0
     print(results_table(res))
-    print(f"results: {Path(a.run_dir) / 'results.json'}")
+    explicit = any(o.startswith("stage2.backbone=") for o in a.overrides)
+    print(f"results: {results_path(a.run_dir, res['backbone'] if explicit else 'auto')}")
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
     from longtail.config import load_config
+    from longtail.train.checkpoint import list_checkpoints
     from longtail.train.loop import Stage1
 
     out = Path(a.out)
     cfg = load_config("digits_lt", a.overrides)
-    resume = (out / "config.yaml").is_file() and not (out / "model_final.pt").is_file()
-    if not (out / "model_final.pt").is_file():
+    done = (out / "model_final.pt").is_file()
+    resume = bool(list_checkpoints(out)) and not done
+    if (out / "config.yaml").is_file() and not (done or resume):
+        shutil.rmtree(out)  # a demo stopped before its first checkpoint: start it again
+    if not done:
         print(f"stage 1: ResNet-32 on digits-LT (IF {cfg.data.imbalance:g}) with SWA/SWAG -> {out}")
         Stage1(cfg, out, resume=resume).fit()
     print("stage 2: every classifier-learning method on the cached features")

@@ -74,6 +74,8 @@ class Stage2:
             )
         self.model = self._load_model(weights)
         self.timings: dict[str, float] = {}
+        # the heads fitted by the last run(), by method: features (N, d) -> logits (N, C)
+        self.heads: dict[str, torch.nn.Module] = {}
 
     def _load_model(self, weights: Path) -> torch.nn.Module:
         c = self.cfg
@@ -191,6 +193,7 @@ class Stage2:
             elif m == "srepr":
                 self._srepr(feats, heads, info)
             self.timings[m] = time.perf_counter() - t0
+        self.heads = dict(heads)
         return self._evaluate(feats, heads, info)
 
     def _srepr(self, feats: dict, heads: dict, info: dict) -> None:
@@ -286,10 +289,15 @@ class Stage2:
             "timings": self.timings,
             "methods": results,
         }
-        name = "results.json" if s2.backbone == "auto" else f"results-{self.backbone}.json"
         if self.rt.is_main:
-            atomic_write_json(self.dir / name, out)
+            atomic_write_json(results_path(self.dir, s2.backbone), out)
         return out
+
+
+def results_path(run_dir: str | Path, backbone: str = "auto") -> Path:
+    """Where stage 2 writes its results: ``results.json`` for the default backbone choice,
+    ``results-<backbone>.json`` when ``stage2.backbone`` is set explicitly."""
+    return Path(run_dir) / ("results.json" if backbone == "auto" else f"results-{backbone}.json")
 
 
 def classify(
@@ -298,7 +306,9 @@ def classify(
     overrides: list[str] | None = None,
     log=print,
 ) -> dict:
-    """Run stage-2 ``methods`` on a stage-1 run directory; returns what ``results.json`` holds."""
+    """Run stage-2 ``methods`` on a stage-1 run directory; returns what ``results.json`` holds
+    (and its ``path``)."""
+    _resolve_methods(methods)  # a typo fails before any data is loaded
     return Stage2(run_dir, overrides, log).run(methods)
 
 

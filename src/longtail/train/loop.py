@@ -50,6 +50,7 @@ from longtail.train.swag import SWAG
 # keys that may change between a run and its resume
 RESUME_MUTABLE = (
     "device",
+    "optim.grad_clip",
     "log_every_steps",
     "checkpoint_every_steps",
     "data.num_workers",
@@ -140,7 +141,7 @@ def _prepare_run_dir(cfg: DictConfig, out: Path, resume: bool) -> DictConfig:
                 f"--resume: {out} was made with a different config; differing "
                 f"keys: {'; '.join(diffs)}"
             )
-    elif list_checkpoints(out):
+    elif list_checkpoints(out) or saved.is_file():
         raise LongtailError(
             f"{str(out)!r} already holds a training run; pass --resume to "
             "continue it, or choose another --out"
@@ -369,8 +370,10 @@ class Stage1:
                 raise LongtailError(
                     f"loss became {loss.item()} at epoch {e + 1}, step {self.step_in_epoch + 1} "
                     f"(lr {lr:.4g}); stopped. The last good checkpoint "
-                    f"{str(good[-1]) if good else '(none yet)'} is intact. Lower optim.lr, "
-                    "raise optim.warmup_epochs or set optim.grad_clip"
+                    f"{str(good[-1]) if good else '(none yet)'} is intact. Resume from it with a "
+                    f"gradient clip (longtail train --resume {self.out} optim.grad_clip=1), "
+                    "or start a new run "
+                    "(another --out) with a lower optim.lr or longer optim.warmup_epochs"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
