@@ -31,7 +31,7 @@ import yaml
 
 from longtail.errors import LongtailError
 from longtail.evaluate import plots
-from longtail.train.checkpoint import atomic_write_text
+from longtail.io import atomic_write_text
 
 __all__ = ["COLUMNS", "TS_COLUMNS", "RunData", "comparison_table", "load_run", "write_report"]
 
