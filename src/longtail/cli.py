@@ -4,6 +4,8 @@
     longtail train configs/fashion_mnist_lt.yaml optim.epochs=10 --out runs/fm
     longtail classify runs/fm --method all
     longtail report runs/fm [runs/fm-seed1 ...] [--out DIR]
+    longtail fit MY_IMAGES/ --out fits/mine
+    longtail predict fits/mine photo.jpg folder/ --top-k 3
     longtail demo
 
 User errors print one line and exit with status 2; no traceback.
@@ -159,6 +161,51 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(a: argparse.Namespace) -> int:
+    from longtail.fit import fit
+
+    r = fit(
+        a.root,
+        a.out,
+        a.val_dir,
+        a.test_dir,
+        a.epochs,
+        a.image_size,
+        a.weights,
+        a.overrides,
+        a.strict,
+    )
+    m = r.chosen.test
+    print(
+        f"chosen: {r.chosen.name}; held-out test accuracy {100 * m['accuracy']:.2f}% "
+        f"(balanced {100 * m['balanced_accuracy']:.2f}%), NLL {m['nll_ts']:.3f} calibrated"
+    )
+    print(f"bundle: {r.bundle.dir}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from longtail.fit.bundle import load_bundle
+    from longtail.fit.predict import expand_inputs, predict_paths, write_csv, write_json
+
+    bundle = load_bundle(a.bundle)
+    paths = expand_inputs(a.inputs)
+    skipped = []
+    preds = predict_paths(
+        bundle, paths, a.top_k, a.batch_size, a.strict, skipped.append, progress=True
+    )
+    if a.format == "json":
+        n = write_json(preds, skipped, sys.stdout, str(bundle.dir))
+    else:
+        n = write_csv(preds, sys.stdout, min(a.top_k, len(bundle.classes)))
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not readable images:", file=sys.stderr)
+        for b in skipped:
+            print(f"  {b.path}: {b.reason}", file=sys.stderr)
+    print(f"predicted {n} image(s)", file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``--help`` still shows the usage)."""
 
@@ -221,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.set_defaults(fn=cmd_sweep)
 
+    f = sub.add_parser("fit", help="your own images: train, calibrate, choose, bundle")
+    f.add_argument("root", help="ImageFolder tree ROOT/<class>/<image>, or a CSV / list file")
+    f.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=20")
+    f.add_argument("--out", required=True, help="new output folder (bundle, report, run)")
+    f.add_argument("--val-dir", default=None, help="your validation images (folder or CSV)")
+    f.add_argument("--test-dir", default=None, help="your test images (folder or CSV)")
+    f.add_argument("--epochs", type=int, default=None, help="stage-1 epochs")
+    f.add_argument("--image-size", type=int, default=None, help="network input side, px")
+    f.add_argument("--weights", default=None, help="torchvision ResNet weights to fine-tune")
+    f.add_argument("--strict", action="store_true", help="fail on unreadable files")
+    f.set_defaults(fn=cmd_fit)
+
+    q = sub.add_parser("predict", help="calibrated labels for images, from a fit's bundle")
+    q.add_argument("bundle", metavar="DIR", help="the --out folder of `longtail fit`")
+    q.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--format", choices=["json", "csv"], default="json")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--strict", action="store_true", help="fail on unreadable files")
+    q.set_defaults(fn=cmd_predict)
+
     d = sub.add_parser("demo", help="the whole pipeline on digits-LT, on CPU in about a minute")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--out", default="runs/demo")
@@ -231,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value after an option (`fit ROOT --out DIR a=b`): argparse leaves them over
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
     except LongtailError as e:

@@ -8,6 +8,7 @@ after re-estimating BatchNorm for that sample. Large banks are stored as float16
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from pathlib import Path
 
@@ -101,7 +102,10 @@ def swag_banks(
     bn_idx = bn_idx[rank::ws]
     banks: dict[str, list] = {s: [] for s in splits if s in loaders}
     labels: dict[str, torch.Tensor] = {}
-    for _ in tqdm(range(num_samples), desc="SWAG samples", leave=False):
+    bar = tqdm(
+        range(num_samples), desc="SWAG samples", leave=False, disable=not sys.stderr.isatty()
+    )
+    for _ in bar:
         swag.sample(net, scale, gen)
         refresh_bn(net, loaders["train_aug"].batches(bn_idx), rt.autocast())
         average_bn_buffers(net)

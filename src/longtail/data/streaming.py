@@ -18,10 +18,10 @@ def pil_to_rgb(img: Image.Image, channels: int = 3) -> Image.Image:
     mode = "L" if channels == 1 else "RGB"
     if img.mode == mode:
         return img
-    if img.mode in ("RGBA", "LA", "P") and mode == "RGB":
-        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")  # transparent pixels become white, in colour and in grey
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, img).convert("RGB")
+        img = Image.alpha_composite(bg, img)
     return img.convert(mode)
 
 

@@ -1,0 +1,179 @@
+"""Reading a user's image files robustly, and the one preprocessing rule fit and predict share.
+
+Every file is opened with PIL; whatever PIL cannot read (a text file, a truncated PNG, a file
+that vanished) becomes a :class:`BadFile` with the reason, never an exception. Grayscale,
+palette, RGBA and CMYK images are converted by :func:`longtail.data.streaming.pil_to_rgb`.
+
+:class:`Preprocessing` is the resize rule recorded in the model bundle: resize the shorter side
+to ``resize_to`` (bilinear, antialiased), centre-crop ``size x size``, uint8 ``(C, S, S)``; the
+network divides by 255 and normalises with ``mean`` / ``std`` itself. Small images are decoded
+with ``resize_to == size`` once into memory; streamed images use ``resize_to = round(size *
+8/7)``, exactly torchvision's evaluation pipeline in :func:`longtail.data.streaming.
+build_transform` (256 -> 224).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple, TypeVar
+
+import torch
+from PIL import Image
+
+from longtail.data.streaming import pil_to_rgb
+
+SINGLE_CHANNEL_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+T = TypeVar("T")
+
+
+class BadFile(NamedTuple):
+    """A file that is not a readable image, and why."""
+
+    path: str
+    reason: str
+
+
+class Header(NamedTuple):
+    """What PIL reads from an image's header without decoding it: ``(width, height, mode)``."""
+
+    width: int
+    height: int
+    mode: str
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    return f"{type(e).__name__}: {msg}" if not msg.startswith(type(e).__name__) else msg
+
+
+def read_header(path: str) -> Header | BadFile:
+    """The image size and mode from the header, or why the file is not an image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF warnings
+            with Image.open(path) as img:
+                return Header(int(img.width), int(img.height), str(img.mode))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return BadFile(path, "not an image (" + _reason(e) + ")")
+
+
+def open_image(path: str, channels: int) -> Image.Image:
+    """Decode a whole image and convert it to ``L`` (1 channel) or ``RGB`` (3).
+
+    Raises whatever PIL raises on a bad file; :func:`decode` turns that into a :class:`BadFile`.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_rgb(img, channels)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes network input (stored in the model bundle).
+
+    Attributes:
+        size: side ``S`` of the square network input.
+        channels: 1 (grayscale) or 3 (RGB).
+        resize_to: the shorter side is resized to this, then the centre ``S x S`` is cropped.
+        mean, std: per-channel normalisation in ``[0, 1]`` units (applied inside the network).
+    """
+
+    size: int
+    channels: int
+    resize_to: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        """A JSON-ready description, with the rule spelled out for non-Python deployers."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["rule"] = (
+            f"convert to {'L (grayscale)' if self.channels == 1 else 'RGB'} (alpha composited "
+            f"onto white for RGB); resize the shorter side to {self.resize_to} px (bilinear, "
+            f"antialiased); centre-crop {self.size}x{self.size}; float32 = uint8 / 255, shape "
+            f"(B, {self.channels}, {self.size}, {self.size}); the network normalises with "
+            "mean / std itself"
+        )
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Preprocessing:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            int(d["size"]),
+            int(d["channels"]),
+            int(d["resize_to"]),
+            tuple(float(m) for m in d["mean"]),
+            tuple(float(s) for s in d["std"]),
+        )
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image (already ``L`` / ``RGB``) -> uint8 ``(C, S, S)``."""
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize(self.resize_to, antialias=True),
+                v2.CenterCrop(self.size),
+            ]
+        )
+
+
+def decode(path: str, prep: Preprocessing, tf=None) -> torch.Tensor | BadFile:
+    """Pixels of one file, uint8 ``(C, S, S)`` as ``prep`` says, or why it cannot be read."""
+    try:
+        img = open_image(path, prep.channels)
+        return (tf or prep.transform())(img)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return BadFile(path, "unreadable image (" + _reason(e) + ")")
+
+
+def verify(path: str, channels: int) -> BadFile | None:
+    """Decode a file fully (and drop the pixels): ``None`` when it is a readable image."""
+    try:
+        open_image(path, channels)
+        return None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return BadFile(path, "unreadable image (" + _reason(e) + ")")
+
+
+def parallel_map(fn: Callable[[str], T], paths: Iterable[str], workers: int = 0) -> Iterator[T]:
+    """``fn`` over ``paths`` in order, on threads (PIL decodes without the GIL).
+
+    ``workers=0``: ``min(4, cpu count)``; 1: in the calling thread.
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1:
+        yield from map(fn, paths)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(fn, paths)
+
+
+def list_image_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    """Files named in ``inputs``, with folders expanded recursively (sorted, hidden skipped).
+
+    Raises:
+        FileNotFoundError: an input that does not exist (the caller reports it).
+    """
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out += [str(Path(dirpath) / f) for f in sorted(filenames) if not f.startswith(".")]
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise FileNotFoundError(str(item))
+    return out

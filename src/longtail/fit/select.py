@@ -1,0 +1,131 @@
+"""Choosing the deployed stage-2 method on the validation split, each one calibrated first.
+
+For every deployable head (all stage-2 methods but ``swag_bma``, which needs M backbone passes)
+a temperature is fitted on the validation logits (:func:`longtail.evaluate.calibration.
+fit_temperature`); the method with the best validation **balanced accuracy** (the mean of
+per-class accuracies, so a long-tailed validation split counts every class equally) wins, ties
+broken by the lower validation NLL after temperature scaling. The test split is only reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from longtail.errors import LongtailError
+from longtail.evaluate.calibration import apply_temperature, fit_temperature
+from longtail.evaluate.metrics import evaluate_logits
+
+NOT_DEPLOYABLE = {"swag_bma": "averages M SWAG backbones (M forward passes, not one)"}
+
+
+@dataclass
+class MethodScore:
+    """Validation and test figures of one calibrated method.
+
+    Attributes:
+        name: the stage-2 method; ``temperature``: ``T`` fitted on validation.
+        val, test: ``balanced_accuracy``, ``accuracy``, ``nll`` (raw), ``nll_ts``, ``ece_ts``,
+            ``brier_ts`` (after dividing the logits by ``T``); test adds ``many`` / ``medium``
+            / ``few``. Fractions, NLL in nats.
+    """
+
+    name: str
+    temperature: float
+    val: dict
+    test: dict
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict of all fields."""
+        return asdict(self)
+
+
+def balanced_accuracy(per_class: list[float | None]) -> float:
+    """Mean of the per-class accuracies of the classes that have examples."""
+    vals = [a for a in per_class if a is not None and not math.isnan(a)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _figures(
+    logits: torch.Tensor, labels: torch.Tensor, t: float, counts: np.ndarray, many: int, few: int
+) -> dict:
+    raw = evaluate_logits(logits, labels, counts, many, few)
+    ts = evaluate_logits(apply_temperature(logits, t), labels, counts, many, few)
+    return {
+        "balanced_accuracy": balanced_accuracy(raw["per_class"]),
+        "accuracy": raw["accuracy"],
+        "many": raw["many"],
+        "medium": raw["medium"],
+        "few": raw["few"],
+        "nll": raw["nll"],
+        "nll_ts": ts["nll"],
+        "ece_ts": ts["ece"],
+        "brier_ts": ts["brier"],
+    }
+
+
+@torch.no_grad()
+def score_methods(
+    heads: dict[str, nn.Module],
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    train_counts: np.ndarray,
+    many: int = 100,
+    few: int = 20,
+) -> list[MethodScore]:
+    """Calibrate every deployable head on validation and measure it on validation and test.
+
+    Args:
+        heads: method name -> head mapping features ``(N, d)`` to logits ``(N, C)``.
+        feats: ``{"val": (z (N_v, d), y (N_v,)), "test": (z, y)}`` of the deployed backbone.
+        train_counts: ``(C,)`` training images per class (shot splits).
+    """
+    if "val" not in feats:
+        raise LongtailError("choosing a method needs a validation split")
+    scores = []
+    for name, head in heads.items():
+        if name in NOT_DEPLOYABLE:
+            continue
+        head.eval()
+        zv, yv = feats["val"]
+        lv = head(zv).float()
+        t = fit_temperature(lv, yv)
+        val = _figures(lv, yv, t, train_counts, many, few)
+        zt, yt = feats["test"]
+        test = _figures(head(zt).float(), yt, t, train_counts, many, few)
+        scores.append(MethodScore(name, t, val, test))
+    if not scores:
+        raise LongtailError("no deployable stage-2 method was fitted")
+    return scores
+
+
+def choose(scores: list[MethodScore]) -> MethodScore:
+    """Best validation balanced accuracy; ties (to 1e-9) go to the lower calibrated NLL."""
+    return max(scores, key=lambda s: (round(s.val["balanced_accuracy"], 9), -s.val["nll_ts"]))
+
+
+def selection_table(scores: list[MethodScore], chosen: str) -> str:
+    """A text table of every method's validation and test figures, the chosen one starred."""
+    head = (
+        f"{'method':<10} {'T':>6} {'val bal':>8} {'val NLL':>8} {'test acc':>9} "
+        f"{'test bal':>9} {'test NLL':>9} {'test ECE':>9}"
+    )
+    lines = [
+        "validation (choice) and test (report only); accuracies and ECE in %, NLL after "
+        "temperature scaling",
+        head,
+        "-" * len(head),
+    ]
+    for s in scores:
+        v, t = s.val, s.test
+        mark = "*" if s.name == chosen else " "
+        lines.append(
+            f"{s.name + mark:<10} {s.temperature:>6.2f} {100 * v['balanced_accuracy']:>8.2f} "
+            f"{v['nll_ts']:>8.3f} {100 * t['accuracy']:>9.2f} "
+            f"{100 * t['balanced_accuracy']:>9.2f} {t['nll_ts']:>9.3f} {100 * t['ece_ts']:>9.2f}"
+        )
+    lines.append(f"* chosen: {chosen} (best validation balanced accuracy, ties by NLL)")
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""``longtail fit`` / ``longtail predict`` on a small real-image folder (Fashion-MNIST PNGs).
+
+One fit (module fixture, ~10-20 s on one thread) on a long-tailed ImageFolder with awkward files;
+the other tests read its output or exercise the data step alone (no training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longtail.cli import main
+from longtail.data.datasets import load_fashion_mnist
+from longtail.data.prepare import prepare_data
+from longtail.errors import LongtailError
+from longtail.fit.bundle import load_bundle
+from longtail.fit.images import decode
+from longtail.fit.prepare import prepare_user_data
+from longtail.train.checkpoint import verified_load
+
+CLASSES = [
+    "T-shirt top",  # a space in a class (folder) name
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+COUNTS = [int(120 * 0.1 ** (i / 9)) for i in range(10)]  # 120 .. 12, imbalance factor 10
+HELDOUT_PER_CLASS = 15
+FIT_ARGS = ["device=cpu", "precision=fp32", "optim.epochs=4", "stage2.srepr_samples=3"]
+
+try:
+    _FM_TRAIN = load_fashion_mnist(None, "train")
+    _FM_TEST = load_fashion_mnist(None, "test")
+except LongtailError:  # pragma: no cover - the CI image installs dataset-fashion-mnist
+    _FM_TRAIN = _FM_TEST = None
+pytestmark = pytest.mark.skipif(_FM_TRAIN is None, reason="Fashion-MNIST not installed")
+
+
+def _file_name(j: int) -> str:
+    return ["img {j}.png", "bild_ü_{j}.png", "画像 {j}.png", "x{j}.png"][j % 4].format(j=j)
+
+
+def write_tree(root: Path, counts: list[int] = COUNTS, seed: int = 0, extras: bool = True) -> None:
+    """A long-tailed ImageFolder of Fashion-MNIST train PNGs (``counts[c]`` images of class c).
+
+    ``extras`` adds an RGBA PNG and an odd-sized grayscale JPEG to class 1 (valid), a truncated
+    PNG to class 0 and a text file to class 2 (both skipped).
+    """
+    x, y = _FM_TRAIN.images.numpy()[:, 0], _FM_TRAIN.labels.numpy()
+    rng = np.random.RandomState(seed)
+    for c, n in enumerate(counts):
+        d = root / CLASSES[c]
+        d.mkdir(parents=True, exist_ok=True)
+        for j, i in enumerate(rng.permutation(np.flatnonzero(y == c))[:n]):
+            Image.fromarray(x[i]).save(d / _file_name(j))
+    if not extras:
+        return
+    img = Image.fromarray(x[np.flatnonzero(y == 1)[-1]])
+    rgba = img.convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(root / CLASSES[1] / "rgba ïmage.png")
+    img.resize((37, 23)).save(root / CLASSES[1] / "odd size.jpg", quality=95)  # grayscale L
+    good = (root / CLASSES[0] / _file_name(0)).read_bytes()
+    (root / CLASSES[0] / "corrupt ü.png").write_bytes(good[: len(good) // 2])  # truncated
+    (root / CLASSES[2] / "notes.txt").write_text("not an image\n")
+
+
+def write_heldout(root: Path) -> dict[str, str]:
+    """Fashion-MNIST *test* images (never trained on), nested folders; ``{path: class}``."""
+    x, y = _FM_TEST.images.numpy()[:, 0], _FM_TEST.labels.numpy()
+    truth = {}
+    for c in range(10):
+        for j, i in enumerate(np.flatnonzero(y == c)[:HELDOUT_PER_CLASS]):
+            d = root / f"batch {j % 3}" / "ñested"
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / f"test {c}-{j}.png"
+            Image.fromarray(x[i]).save(p)
+            truth[str(p)] = CLASSES[c]
+    (root / "README.txt").write_text("held-out images\n")
+    return truth
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@dataclass
+class Fitted:
+    out: Path  # the fit's --out folder
+    tree: Path  # the training ImageFolder
+    heldout: Path  # Fashion-MNIST test images, never trained on
+    truth: dict[str, str]  # held-out path -> class
+    stdout: str  # what `longtail fit` printed
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Fitted:
+    """One `longtail fit` through the CLI, in process."""
+    base = tmp_path_factory.mktemp("fit")
+    tree = base / "my images"
+    write_tree(tree)
+    truth = write_heldout(base / "held out")
+    out = base / "fit out"
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        code = main(["fit", str(tree), "--out", str(out), *FIT_ARGS])
+    assert code == 0
+    return Fitted(out, tree, base / "held out", truth, buf.getvalue(), time.perf_counter() - t0)
+
+
+def test_fit_writes_bundle_report_and_user_dataset(fitted):
+    out = fitted.out
+    for f in ("bundle/bundle.json", "bundle/model.pt", "bundle/model.ts", "report.html"):
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert meta["classes"] == sorted(CLASSES)
+    assert meta["method"] in meta["methods"] and "swag_bma" not in meta["methods"]
+    assert meta["export"]["max_abs_diff"] < 1e-5
+    assert meta["temperature"] > 0
+    assert meta["preprocessing"]["size"] == 28 and meta["preprocessing"]["channels"] == 1
+    assert meta["data"]["skipped_files"] == 2
+    # the chosen method has the best validation balanced accuracy
+    best = max(v["val"]["balanced_accuracy"] for v in meta["methods"].values())
+    assert meta["methods"][meta["method"]]["val"]["balanced_accuracy"] == best
+    # the hook: the materialised splits are an ordinary dataset for stages 1 and 2
+    splits = prepare_data("user", root=str(out / "data"))
+    assert splits.train.images.shape[1:] == (1, 28, 28)
+    sizes = meta["data"]["sizes"]
+    got = (len(splits.train), len(splits.val), len(splits.test))
+    assert got == (sizes["train"], sizes["val"], sizes["test"])
+    assert sum(sizes.values()) == sum(COUNTS) + 2  # + the RGBA and the odd-sized image
+    assert splits.info["imbalance"] == pytest.approx(
+        max(splits.train.counts()) / min(splits.train.counts())
+    )
+
+
+def test_fit_prints_profile_skipped_files_and_methods(fitted):
+    text = fitted.stdout
+    assert "10 classes, 488 images; imbalance factor 10" in text
+    assert "shot splits" in text
+    assert "skipped 2 file(s)" in text and "corrupt ü.png" in text and "notes.txt" in text
+    for m in ("joint", "ncm", "crt", "tau", "lws", "srepr", "srepr_ce"):
+        assert f"\n{m}" in text
+    assert "* chosen:" in text and "bundle:" in text
+
+
+def test_predict_folder_beats_chance_and_torchscript_matches(fitted, capsys):
+    out, truth = fitted.out, fitted.truth
+    argv = ["predict", str(out), str(fitted.heldout), "--top-k", "10", "--batch-size", "32"]
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    preds = res["predictions"]
+    assert len(preds) == len(truth)
+    assert [s["path"] for s in res["skipped"]] == [str(fitted.heldout / "README.txt")]
+    for p in preds:
+        assert sum(t["probability"] for t in p["top_k"]) == pytest.approx(1.0, abs=1e-4)
+        assert p["label"] == p["top_k"][0]["label"]
+    acc = float(np.mean([p["label"] == truth[p["path"]] for p in preds]))
+    print(f"held-out accuracy {acc:.3f} on {len(preds)} images; fit {fitted.seconds:.1f} s")
+    assert acc >= 0.4, acc  # chance 0.10; measured 0.58-0.63 over 5 data / training seeds
+
+    # the TorchScript file alone reproduces the bundle's probabilities
+    bundle = load_bundle(out)
+    paths = sorted(truth)[:16]
+    x = torch.stack([decode(p, bundle.preprocessing) for p in paths]).float() / 255
+    ts = torch.jit.load(str(out / "bundle" / "model.ts"))
+    with torch.no_grad():
+        assert (ts(x) - bundle.probabilities(x)).abs().max().item() < 1e-5
+    by_path = {p["path"]: p for p in preds}
+    ref = bundle.probabilities(x)
+    for i, p in enumerate(paths):
+        assert by_path[p]["probability"] == pytest.approx(ref[i].max().item(), abs=1e-6)
+
+
+def test_torchscript_loads_without_longtail(fitted, tmp_path):
+    ts_path = fitted.out / "bundle" / "model.ts"
+    x = torch.rand(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys; sys.modules['longtail'] = None\n"  # any import of longtail now fails
+        "import torch\n"
+        f"m = torch.jit.load({str(ts_path)!r})\n"
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'p.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    want = load_bundle(fitted.out).probabilities(x)
+    assert (torch.load(tmp_path / "p.pt") - want).abs().max().item() < 1e-5
+
+
+def test_predict_csv_and_strict(fitted, capsys):
+    one = fitted.tree / CLASSES[3] / _file_name(1)
+    code, stdout, _ = run_main(["predict", str(fitted.out), str(one), "--format", "csv"], capsys)
+    assert code == 0
+    rows = stdout.strip().splitlines()
+    assert rows[0].startswith("path,label,probability,label_2") and len(rows) == 2
+    assert rows[1].startswith(f"{one},")
+    argv = ["predict", str(fitted.out), str(fitted.tree / CLASSES[2]), "--strict"]
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 2 and stdout == ""
+    assert "notes.txt" in err and "Traceback" not in err
+
+
+def test_fit_strict_fails_before_training(fitted, tmp_path, capsys):
+    argv = ["fit", str(fitted.tree), "--out", str(tmp_path / "o"), "--strict"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2
+    assert "--strict" in err and "notes.txt" in err
+    assert not (tmp_path / "o" / "run").exists()
+
+
+def test_fit_refuses_a_used_out_dir(fitted, capsys):
+    code, _, err = run_main(["fit", str(fitted.tree), "--out", str(fitted.out)], capsys)
+    assert code == 2 and "not an empty folder" in err
+
+
+# ------------------------------------------------------------------ the data step alone
+def test_csv_input_names_ints_and_relative_paths(tmp_path):
+    tree = tmp_path / "imgs"
+    write_tree(tree, counts=[30, 20, 12], seed=1)
+    lines_names, lines_ints = ["path,label"], []
+    for c in range(3):
+        for f in sorted((tree / CLASSES[c]).iterdir()):
+            rel = f.relative_to(tmp_path).as_posix()
+            lines_names.append(f'"{rel}",{CLASSES[c]}')
+            lines_ints.append(f"{rel} {c}")
+    lines_names.append("imgs/missing file.png,Trouser")
+    (tmp_path / "labels.csv").write_text("\n".join(lines_names) + "\n", encoding="utf-8")
+    (tmp_path / "labels.txt").write_text("\n".join(lines_ints) + "\n", encoding="utf-8")
+    logs: list[str] = []
+    a = prepare_user_data(tmp_path / "labels.csv", tmp_path / "a", log=logs.append)
+    b = prepare_user_data(tmp_path / "labels.txt", tmp_path / "b", log=lambda s: None)
+    assert a.classes == sorted(CLASSES[:3])
+    assert b.classes == ["0", "1", "2"]
+    # the same images either way (CSV classes sort by name, integer labels by number)
+    assert sum(len(d) for d in a.splits.values()) == 62 + 2
+    assert sum(len(d) for d in b.splits.values()) == 62 + 2
+    assert sorted(a.splits["train"].counts()) == sorted(b.splits["train"].counts())
+    reasons = {Path(s.path).name: s.reason for s in a.skipped}
+    assert reasons["missing file.png"] == "file not found"
+    assert "corrupt ü.png" in reasons and "notes.txt" in reasons
+    assert any("missing file.png" in line for line in logs)
+    # two materialised user datasets in one process stay independent
+    ta = prepare_data("user", root=str(tmp_path / "a"))
+    tb = prepare_data("user", root=str(tmp_path / "b"))
+    assert ta.train.classes != tb.train.classes
+
+
+def test_class_with_one_image_is_reported_and_excluded(tmp_path):
+    tree = tmp_path / "imgs"
+    write_tree(tree, counts=[25, 20, 1], seed=2, extras=False)
+    logs: list[str] = []
+    d = prepare_user_data(tree, tmp_path / "out", log=logs.append)
+    assert d.excluded == {CLASSES[2]: 1}
+    assert CLASSES[2] not in d.classes and len(d.classes) == 2
+    assert any(f"excluded class {CLASSES[2]!r}: 1 usable image" in line for line in logs)
+
+
+def test_fewer_than_two_usable_classes_is_an_error(tmp_path):
+    tree = tmp_path / "imgs"
+    write_tree(tree, counts=[25, 1], seed=3, extras=False)
+    with pytest.raises(LongtailError, match="only 1 class"):
+        prepare_user_data(tree, tmp_path / "out", log=lambda s: None)
+
+
+def test_strict_data_step_names_the_bad_files(tmp_path):
+    tree = tmp_path / "imgs"
+    write_tree(tree, counts=[10, 10, 10], seed=4)
+    with pytest.raises(LongtailError, match="notes.txt"):
+        prepare_user_data(tree, tmp_path / "out", strict=True, log=lambda s: None)
+
+
+def test_bundle_is_the_chosen_head_on_the_stage2_features(fitted):
+    """The deployed network = SWA features -> chosen head -> temperature (one forward pass)."""
+    bundle = load_bundle(fitted.out)
+    feats = verified_load(fitted.out / "run" / "features" / "swa.pt")
+    zv, _ = feats["val"]
+    val = torch.load(fitted.out / "data" / "val.pt", weights_only=True)
+    x = val["images"].float() / 255
+    with torch.no_grad():
+        want = torch.softmax(bundle.model.head(zv) / bundle.meta["temperature"], dim=1)
+        got = bundle.probabilities(x)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_given_val_and_test_splits_map_class_names(tmp_path):
+    write_tree(tmp_path / "train", counts=[20, 15, 10], seed=5, extras=False)
+    write_tree(tmp_path / "test", counts=[3, 3, 3], seed=6, extras=False)
+    rows = [
+        f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}"
+        for p in sorted((tmp_path / "test").rglob("*.png"))
+    ]
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    d = prepare_user_data(
+        tmp_path / "train",
+        tmp_path / "o",
+        val=tmp_path / "val.csv",
+        test=tmp_path / "test",
+        log=lambda s: None,
+    )
+    assert len(d.splits["train"]) == 45 and len(d.splits["val"]) == len(d.splits["test"]) == 9
+    assert d.splits["val"].counts().tolist() == [3, 3, 3]
+    assert d.origins["val"].startswith("given") and d.origins["test"].startswith("given")
+    (tmp_path / "test" / "Elephant").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "test" / "Elephant" / "e.png")
+    with pytest.raises(LongtailError, match="Elephant"):
+        prepare_user_data(
+            tmp_path / "train", tmp_path / "o2", test=tmp_path / "test", log=lambda s: None
+        )
+
+
+def test_plan_rules(tmp_path):
+    from torchvision.models import resnet as tvr
+
+    from longtail.fit.images import Header
+    from longtail.fit.plan import infer_torchvision_arch, plan_input, recipe
+
+    small = plan_input([Header(32, 32, "RGB")] * 10)
+    assert (small.model, small.size, small.channels, small.in_memory) == ("resnet32", 32, 3, True)
+    mid = plan_input([Header(120, 100, "L")] * 10)
+    assert (mid.model, mid.size, mid.channels, mid.in_memory) == ("resnet10", 112, 1, False)
+    assert mid.resize_to == 128
+    big = plan_input([Header(500, 375, "RGB")] * 10)
+    assert (big.model, big.size, big.resize_to) == ("resnet50", 224, 256)
+    w = tmp_path / "r10.pth"
+    torch.save(tvr.ResNet(tvr.BasicBlock, [1, 1, 1, 1]).state_dict(), w)
+    assert infer_torchvision_arch(str(w)) == "resnet10"
+    ft = plan_input([Header(28, 28, "L")] * 10, weights_path=str(w))
+    assert (ft.model, ft.size, ft.channels, ft.in_memory) == ("resnet10", 112, 3, False)
+    few, many = recipe(400, small), recipe(20_000, small)
+    assert few["loss"]["mixup_alpha"] == 0.2 and many["loss"]["mixup_alpha"] == 0.0
+    assert few["optim"]["weight_decay"] > many["optim"]["weight_decay"]
+    assert recipe(400, ft)["optim"]["lr"] < recipe(400, small)["optim"]["lr"]
+    r = recipe(40, small, epochs=2)
+    assert r["optim"]["batch_size"] <= 40 and r["swa"]["start"] == 1.0
+
+
+def test_streamed_images_fit_and_predict_alike(tmp_path):
+    """Images above 64 px stream from disk; predict decodes exactly like training's eval."""
+    from longtail.data.streaming import build_transform, pil_to_rgb
+    from longtail.fit import fit, predict
+
+    x, y = _FM_TRAIN.images.numpy()[:, 0], _FM_TRAIN.labels.numpy()
+    for c, n in enumerate([30, 15]):
+        d = tmp_path / "tree" / f"class {c}"
+        d.mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(y == c)[:n]):
+            Image.fromarray(x[i]).resize((90, 80)).convert("RGB").save(d / f"ê {j}.jpg")
+    with contextlib.redirect_stdout(io.StringIO()):
+        r = fit(
+            tmp_path / "tree",
+            tmp_path / "out",
+            image_size=72,
+            overrides=[
+                "device=cpu",
+                "precision=fp32",
+                "optim.epochs=2",
+                "stage2.srepr_samples=2",
+                "data.num_workers=0",
+                "stage2.srepr_alpha_grid=[0.5]",
+            ],
+        )
+    assert not r.data.plan.in_memory and r.data.splits["train"].paths
+    prep = r.bundle.preprocessing
+    assert (prep.size, prep.channels, prep.resize_to) == (72, 3, 82)
+    p = r.data.splits["val"].paths[0]
+    with Image.open(p) as img:
+        want = build_transform(False, 72, 3)(pil_to_rgb(img, 3))
+    assert torch.equal(decode(p, prep), want)
+    preds, skipped = predict(tmp_path / "out", [tmp_path / "tree" / "class 1"])
+    assert len(preds) == 15 and not skipped
+    assert r.bundle.meta["export"]["max_abs_diff"] < 1e-5
