@@ -13,15 +13,23 @@ from pathlib import Path
 SEEDS = (0, 1, 2)
 
 
-def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    """'mean ± std' (sample std over seeds) of ``values`` times ``scale``."""
-    v = [x * scale for x in values]
+def ms(values: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± std' (sample std over seeds) of ``values`` times ``scale``; '-' when undefined."""
+    if any(x is None for x in values):
+        return "-"
+    v = [float(x) * scale for x in values]
     sd = st.stdev(v) if len(v) > 1 else 0.0
     return f"{st.mean(v):.{digits}f} ± {sd:.{digits}f}"
 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def rarest(per_class: list[float | None], counts: list[int], k: int = 3) -> float:
+    """Mean test accuracy of the ``k`` classes with the fewest training images."""
+    order = sorted(range(len(counts)), key=lambda c: counts[c])[:k]
+    return st.mean(float(per_class[c]) for c in order)
 
 
 def stage1_tables(root: Path) -> None:
@@ -43,13 +51,17 @@ def stage1_tables(root: Path) -> None:
         f"mean {100 * st.mean(diff):+.2f} points\n"
     )
     print("### SWA vs the final SGD model of the same run (test set)\n")
-    print("| precision | model | accuracy % | few % | NLL | ECE % |")
+    counts = load(root / "bf16-s0" / "run.json")["data"]["train_counts"]
+    print("| precision | model | accuracy % | 3 rarest classes % | NLL | ECE % |")
     print("|---|---|---|---|---|---|")
     for p, rs in runs.items():
+        for r in rs:
+            for m in ("final", "swa"):
+                r[m]["rare3"] = rarest(r[m]["per_class"], counts)
         for m in ("final", "swa"):
             print(
                 f"| {p} | {m} | {ms([r[m]['accuracy'] for r in rs])} | "
-                f"{ms([r[m]['few'] or 0.0 for r in rs])} | {ms([r[m]['nll'] for r in rs], 1, 3)}"
+                f"{ms([r[m]['rare3'] for r in rs])} | {ms([r[m]['nll'] for r in rs], 1, 3)}"
                 f" | {ms([r[m]['ece'] for r in rs])} |"
             )
         da = [r["swa"]["accuracy"] - r["final"]["accuracy"] for r in rs]
@@ -63,7 +75,7 @@ def stage2_tables(root: Path, prefix: str = "bf16") -> None:
     names = list(res[0]["methods"])
     print(f"### Stage 2 on the {prefix} runs ({res[0]['backbone']} backbone), test set\n")
     print(
-        "| method | accuracy % | many % | medium % | few % | NLL | ECE % | Brier | "
+        "| method | accuracy % | many % | medium % | 3 rarest % | NLL | ECE % | Brier | "
         "NLL (TS) | ECE % (TS) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -71,11 +83,13 @@ def stage2_tables(root: Path, prefix: str = "bf16") -> None:
         rs = [r["methods"][n] for r in res]
 
         def col(k, scale=100.0, digits=2, rs=rs):
-            return ms([x[k] if x[k] is not None else float("nan") for x in rs], scale, digits)
+            return ms([x[k] for x in rs], scale, digits)
+
+        rare = [rarest(x["per_class"], r["train_counts"]) for x, r in zip(rs, res, strict=True)]
 
         ts = [x["ts"] for x in rs]
         print(
-            f"| {n} | {col('accuracy')} | {col('many')} | {col('medium')} | {col('few')} | "
+            f"| {n} | {col('accuracy')} | {col('many')} | {col('medium')} | {ms(rare)} | "
             f"{col('nll', 1, 3)} | {col('ece')} | {col('brier', 1, 3)} | "
             f"{ms([t['nll'] for t in ts], 1, 3)} | {ms([t['ece'] for t in ts])} |"
         )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from longtail.data.datasets import FASHION_MNIST_ROOT, load_fashion_mnist
+from longtail.data.datasets import FASHION_MNIST_ROOT, channel_stats, load_fashion_mnist
 from longtail.data.longtail import (
     imbalance_factor,
     longtail_counts,
@@ -272,3 +272,12 @@ def test_fashion_mnist_lt_if100(fmnist_full):
     ref = reference_indices(labels, expected, 0)
     assert torch.equal(splits.train.labels, fmnist_full.labels[ref])
     assert torch.equal(splits.train.images, fmnist_full.images[torch.from_numpy(ref)])
+
+
+def test_every_split_is_normalised_with_training_statistics() -> None:
+    s = prepare_data("fashion-mnist", imbalance=100, val_per_class=20)
+    train_mean, train_std = channel_stats(load_fashion_mnist(None, "train").images)
+    test_mean, _ = channel_stats(load_fashion_mnist(None, "test").images)
+    assert test_mean != train_mean  # the splits' own statistics do differ
+    for split in (s.train, s.val, s.test):
+        assert split.mean == train_mean and split.std == train_std

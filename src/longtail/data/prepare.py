@@ -92,6 +92,9 @@ def prepare_data(
             keep, hold = balanced_holdout(full.labels.numpy(), val_per_class, seed)
             train, val = full.subset(keep), full.subset(hold)
         info.update(imbalance=imbalance_factor(train.counts()), profile="native")
+    # every split is normalised with the training source's statistics, never with its own
+    val = None if val is None else replace(val, mean=full.mean, std=full.std)
+    test = replace(test, mean=full.mean, std=full.std)
     info.update(
         train_counts=train.counts().tolist(),
         val_size=0 if val is None else len(val),
