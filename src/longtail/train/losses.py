@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from longtail.errors import LongtailError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -21,6 +23,8 @@ def make_loss(
     """
     if name == "ce":
         return lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    if name not in ("logit_adjusted", "balanced_softmax"):
+        raise LongtailError(f"unknown loss {name!r}; known: ce, logit_adjusted, balanced_softmax")
     prior = torch.as_tensor(np.asarray(train_counts, dtype=np.float64) / np.sum(train_counts))
     log_prior = prior.clamp_min(1e-12).log().float()
 
