@@ -281,3 +281,17 @@ def test_every_split_is_normalised_with_training_statistics() -> None:
     assert test_mean != train_mean  # the splits' own statistics do differ
     for split in (s.train, s.val, s.test):
         assert split.mean == train_mean and split.std == train_std
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"imbalance": 10, "n_max": 300}, r"n_max=300 exceeds the 100 images of class 3"),
+        ({"imbalance": 1000}, r"imbalance factor 1000 leaves class 3 with no image"),
+        ({"imbalance": 10, "val_per_class": 100}, r"class 3 has 100 images: too few"),
+    ],
+)
+def test_split_refuses_what_it_cannot_honour(kwargs: dict, message: str) -> None:
+    labels = np.repeat(np.arange(5), [200, 200, 200, 100, 200])
+    with pytest.raises(LongtailError, match=message):
+        longtail_split(labels, **kwargs)

@@ -127,17 +127,27 @@ def longtail_split(
     if (sizes == 0).any():
         raise LongtailError(f"class(es) {np.flatnonzero(sizes == 0).tolist()} have no images")
     n_max = int(sizes.min()) if n_max is None else int(n_max)
+    if n_max > sizes.min():
+        c = int(sizes.argmin())
+        raise LongtailError(
+            f"n_max={n_max} exceeds the {sizes[c]} images of class {c}; use at most {sizes.min()}"
+        )
     counts = longtail_counts(n_max, num_classes, imbalance, profile)
+    if (counts < 1).any():
+        raise LongtailError(
+            f"imbalance factor {imbalance:g} leaves class {int(np.argmin(counts))} with no image "
+            f"(n_max={n_max}); use an imbalance factor of at most {n_max}"
+        )
     orders = _class_orders(labels, num_classes, seed)
     train, val, borrowed = [], [], np.zeros(num_classes, dtype=np.int64)
     for c, (order, n) in enumerate(zip(orders, counts, strict=True)):
-        v = min(val_per_class, len(order) - 1)
-        keep = min(int(n), len(order) - v) if v else int(n)
-        if keep < 1:
+        v = val_per_class
+        if v >= len(order):
             raise LongtailError(
-                f"class {c} has {len(order)} images: too few for a validation "
-                f"hold-out of {val_per_class}; lower val_per_class"
+                f"class {c} has {len(order)} images: too few for a validation hold-out of "
+                f"{val_per_class} per class; lower data.val_per_class"
             )
+        keep = min(int(n), len(order) - v) if v else int(n)
         borrowed[c] = int(n) - keep
         train.append(order[:keep])
         val.append(order[len(order) - v :] if v else order[:0])
