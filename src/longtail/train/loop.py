@@ -122,6 +122,10 @@ def swa_start_epoch(cfg: DictConfig) -> int | None:
     if not cfg.swa.enabled:
         return None
     s = cfg.swa.start
+    if s >= 1 and s != int(s):
+        raise LongtailError(
+            f"swa.start={s}: give a whole epoch number (>= 1) or a fraction of the epochs (< 1)"
+        )
     start = int(round(s * cfg.optim.epochs)) if s < 1 else int(s)
     if not 0 <= start < cfg.optim.epochs:
         raise LongtailError(f"swa.start={s} falls outside the {cfg.optim.epochs} training epochs")
