@@ -466,6 +466,7 @@ def _markdown(
 
 
 _CSS = """
+.scroll{overflow-x:auto}
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1150px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
@@ -497,7 +498,7 @@ def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure])
             else ""
         )
         + "</p>",
-        '<table id="comparison"><thead><tr>'
+        '<div class="scroll"><table id="comparison"><thead><tr>'
         + "".join(f'<th scope="col">{e(h)}</th>' for h in header)
         + "</tr></thead><tbody>",
     ]
@@ -511,7 +512,7 @@ def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure])
             else:
                 cells.append(f"<td>{e(c)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     if choices:
         out.append(
             '<p class="note">Chosen on the validation split:</p><ul>'
