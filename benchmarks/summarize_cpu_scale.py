@@ -48,8 +48,12 @@ def table(root: Path, imbalance: int) -> None:
         rs = []
         for s in SEEDS:
             p = root / f"if{imbalance}-{sweep}" / f"seed{s}" / name
-            res = json.loads(p.read_text())
-            rs.append((res["methods"][method], res["train_counts"]))
+            if p.is_file():
+                res = json.loads(p.read_text())
+                rs.append((res["methods"][method], res["train_counts"]))
+        if len(rs) < len(SEEDS):
+            print(f"| {label} | not run yet ({len(rs)} of {len(SEEDS)} seeds) | | | |")
+            continue
         print(
             f"| {label} | {cell([r['accuracy'] for r, _ in rs], 100, 2)} | "
             f"{cell([rare3(r, c) for r, c in rs], 100, 2)} | "
