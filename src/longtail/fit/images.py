@@ -2,7 +2,8 @@
 
 Every file is opened with PIL; whatever PIL cannot read (a text file, a truncated PNG, a file
 that vanished) becomes a :class:`BadFile` with the reason, never an exception. Grayscale,
-palette, RGBA and CMYK images are converted by :func:`longtail.data.streaming.pil_to_rgb`.
+palette, RGBA, CMYK and 16-bit images are converted, and EXIF orientation applied, by
+:func:`longtail.data.streaming.pil_to_rgb`.
 
 :class:`Preprocessing` is the resize rule recorded in the model bundle: resize the shorter side
 to ``resize_to`` (bilinear, antialiased), centre-crop ``size x size``, uint8 ``(C, S, S)``; the
@@ -25,7 +26,7 @@ from typing import NamedTuple, TypeVar
 import torch
 from PIL import Image
 
-from longtail.data.streaming import pil_to_rgb
+from longtail.data.streaming import exif_orientation, pil_to_rgb
 
 SINGLE_CHANNEL_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 T = TypeVar("T")
@@ -57,7 +58,10 @@ def read_header(path: str) -> Header | BadFile:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF warnings
             with Image.open(path) as img:
-                return Header(int(img.width), int(img.height), str(img.mode))
+                w, h = int(img.width), int(img.height)
+                if exif_orientation(img) >= 5:  # stored turned by 90 degrees: report it upright
+                    w, h = h, w
+                return Header(w, h, str(img.mode))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         return BadFile(path, "not an image (" + _reason(e) + ")")
 
@@ -96,6 +100,7 @@ class Preprocessing:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         d["rule"] = (
+            "apply the EXIF orientation; 16-bit grayscale / 257 to 8 bits; "
             f"convert to {'L (grayscale)' if self.channels == 1 else 'RGB'} (alpha composited "
             f"onto white for RGB); resize the shorter side to {self.resize_to} px (bilinear, "
             f"antialiased); centre-crop {self.size}x{self.size}; float32 = uint8 / 255, shape "
