@@ -1,0 +1,187 @@
+"""Where a ResNet-32 bf16 training step spends its time on this CPU (issue 3's diagnosis).
+
+    python benchmarks/step_anatomy.py [--rounds 4] [--skip-compile]
+
+Random 32x32x3 data, batch 128, SGD momentum 0.9; every comparison is interleaved in one process
+(medians of ``--rounds`` trials) so a slow spell of the machine hits all variants alike:
+
+1. layout x precision: NCHW / channels-last, fp32 / bf16 autocast;
+2. eager vs ``torch.compile`` (channels-last bf16);
+3. thread scaling: 1 thread at batch 64 vs all threads at batch 128;
+4. the convolutions alone: oneDNN's verbose log of one step (child process), summed per pass,
+   as GFLOP/s and as a share of the bf16 matmul peak measured in the same run;
+5. BatchNorm + ReLU forward and backward on one activation of each stage (memory-bound part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtail.models import build_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_throughput import GFLOP_PER_IMAGE, matmul_peak  # noqa: E402
+
+BATCH = 128
+
+
+def make_step(channels_last: bool, bf16: bool, compiled: bool = False, batch: int = BATCH):
+    """A closure running one SGD step of ResNet-32 on fixed random data."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model("resnet32", 10).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    net = torch.compile(model) if compiled else model
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(4):
+        step()
+    return step
+
+
+def interleaved(steps: dict, rounds: int, n: int = 8, batch: dict | None = None) -> dict:
+    """Median img/s of each closure over ``rounds`` interleaved trials of ``n`` steps.
+
+    ``batch[name] = (images per step, threads)`` for closures not at ``BATCH`` on all threads.
+    """
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            threads = (batch or {}).get(k, (BATCH, torch.get_num_threads()))
+            saved = torch.get_num_threads()
+            torch.set_num_threads(threads[1])
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            rates[k].append(n * threads[0] / (time.perf_counter() - t0))
+            torch.set_num_threads(saved)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def conv_log() -> dict[str, float]:
+    """Child process: milliseconds per oneDNN convolution pass in one channels-last bf16 step."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--verbose-step"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ms: dict[str, float] = collections.defaultdict(float)
+    for line in out.splitlines():
+        f = line.split(",")
+        if len(f) > 8 and f[2] == "primitive" and f[3] == "exec" and f[5] == "convolution":
+            ms[f[7]] += float(f[-1])
+    return dict(ms)
+
+
+def bn_relu_ms(channels: int, side: int, reps: int = 30) -> tuple[float, float, float]:
+    """Median ms of BatchNorm forward, ReLU, and both backward, bf16 channels-last, batch 128."""
+    bn = nn.BatchNorm2d(channels)
+    x = torch.randn(BATCH, channels, side, side).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn_like(x)
+    times = []
+    for i in range(reps + 3):
+        t0 = time.perf_counter()
+        y = bn(x)
+        t1 = time.perf_counter()
+        z = F.relu(y, inplace=True)
+        t2 = time.perf_counter()
+        z.backward(g)
+        t3 = time.perf_counter()
+        x.grad = None
+        if i >= 3:
+            times.append((t1 - t0, t2 - t1, t3 - t2))
+    return tuple(1e3 * statistics.median(t[j] for t in times) for j in range(3))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--verbose-step", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.verbose_step:  # the child of conv_log(): one logged step after warm-up
+        step = make_step(True, True)
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            step()
+        return
+    n_threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {n_threads} threads, batch {BATCH}")
+    peak = matmul_peak()
+    print(f"bf16 matmul peak: {peak:.1f} GFLOP/s")
+
+    print("\n1. layout x precision (img/s, median of interleaved trials)")
+    modes = {
+        "NCHW fp32": make_step(False, False),
+        "channels-last fp32": make_step(True, False),
+        "NCHW bf16": make_step(False, True),
+        "channels-last bf16": make_step(True, True),
+    }
+    mode_rates = interleaved(modes, a.rounds)
+    for k, r in mode_rates.items():
+        print(f"   {k:20s} {r:7.1f}   {100 * r * GFLOP_PER_IMAGE / peak:5.1f} % of peak")
+    step_ms = 1e3 * BATCH / mode_rates["channels-last bf16"]
+
+    if not a.skip_compile:
+        print("\n2. eager vs torch.compile (channels-last bf16)")
+        both = {"eager": modes["channels-last bf16"], "compiled": make_step(True, True, True)}
+        for k, r in interleaved(both, a.rounds).items():
+            print(f"   {k:20s} {r:7.1f}")
+
+    print("\n3. thread scaling (channels-last bf16)")
+    scale = {f"{n_threads} threads, batch {BATCH}": modes["channels-last bf16"]}
+    one = f"1 thread, batch {BATCH // 2}"
+    scale[one] = make_step(True, True, batch=BATCH // 2)
+    rates = interleaved(scale, a.rounds, batch={one: (BATCH // 2, 1)})
+    for k, r in rates.items():
+        print(f"   {k:20s} {r:7.1f}")
+    print(f"   scaling efficiency {rates[next(iter(rates))] / (n_threads * rates[one]):.0%}")
+
+    print("\n4. convolutions alone (oneDNN verbose, one step)")
+    conv = conv_log()
+    for k, v in sorted(conv.items()):
+        print(f"   {k:20s} {v:6.1f} ms")
+    total = sum(conv.values())
+    gflops = BATCH * GFLOP_PER_IMAGE / (total / 1e3)
+    print(
+        f"   all convolutions {total:.1f} ms = {gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f} % "
+        f"of peak; the whole step takes {step_ms:.1f} ms, so {step_ms - total:.1f} ms "
+        f"({100 * (1 - total / step_ms):.0f} %) is everything else"
+    )
+    need = 0.55 * peak / GFLOP_PER_IMAGE
+    print(
+        f"   55 % of peak = {need:.0f} img/s = a {1e3 * BATCH / need:.0f} ms step, leaving "
+        f"{1e3 * BATCH / need - total:.0f} ms beside the convolutions"
+    )
+
+    print("\n5. BatchNorm + ReLU on one activation, bf16 channels-last (median ms)")
+    for c, side in ((16, 32), (32, 16), (64, 8)):
+        fwd, relu, bwd = bn_relu_ms(c, side)
+        mb = BATCH * c * side * side * 2 / 1e6
+        print(
+            f"   {c:2d} x {side:2d}x{side:<2d} ({mb:4.1f} MB): BN fwd {fwd:.2f}, ReLU {relu:.2f}, "
+            f"backward {bwd:.2f}, total {fwd + relu + bwd:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
