@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import update_bn
 
 
 def has_bn(model: nn.Module) -> bool:
@@ -21,15 +21,28 @@ def refresh_bn(
 ) -> None:
     """Recompute BN running statistics with one pass over ``batches`` of ``(x, y)``.
 
-    Uses ``torch.optim.swa_utils.update_bn`` (cumulative average over the pass); the model is
-    left in eval mode.
+    Like ``torch.optim.swa_utils.update_bn``, but the running mean and variance average the
+    batch statistics weighted by batch size: ``update_bn`` gives a last partial batch of a few
+    images the same weight as a full one. ``x`` is ``(B, C, H, W)``; the model is left in eval
+    mode with every BN layer's ``momentum`` restored.
     """
-    if not has_bn(model):
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
         return
-    with torch.no_grad():
-        if autocast is not None:
-            with autocast:
-                update_bn(batches, model)
-        else:
-            update_bn(batches, model)
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+    model.train()
+    seen = 0
+    try:
+        with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext():
+            for x, _ in batches:
+                b = int(x.shape[0])
+                for m in bns:  # running = (seen * running + b * batch) / (seen + b)
+                    m.momentum = b / (seen + b)
+                model(x)
+                seen += b
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
     model.eval()
