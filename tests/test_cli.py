@@ -159,11 +159,15 @@ def test_train_then_classify_prints_every_method(tmp_path, capsys):
     header = next(line for line in lines if line.startswith("method"))
     assert header.split() == [
         "method",
-        *["acc", "many", "med", "few", "NLL", "ECE", "Brier", "T", "NLL(ts)", "ECE(ts)"],
+        *["acc", "many", "med", "few", "NLL", "ECE", "Brier"],
+        *["T", "NLL(ts)", "ECE(ts)", "Brier(ts)"],
     ]
     results = json.loads((run / "results.json").read_text())["methods"]
     assert list(results) == METHOD_ROWS
     for name in METHOD_ROWS:
         row = next(line.split() for line in lines if line.split()[:1] == [name])
         assert float(row[1]) == pytest.approx(100 * results[name]["accuracy"], abs=0.006)
+        ts = results[name]["ts"]
+        assert float(row[-1]) == pytest.approx(ts["brier"], abs=6e-4)
+        assert float(row[-2]) == pytest.approx(100 * ts["ece"], abs=0.006)
     assert f"results: {run / 'results.json'}" in out

@@ -34,7 +34,7 @@ def format_table(rows: dict[str, dict], calibrated: bool = False) -> str:
     """
     head = ["method"] + [h for _, h in COLUMNS]
     if calibrated:
-        head += ["T", "NLL(ts)", "ECE(ts)"]
+        head += ["T", "NLL(ts)", "ECE(ts)", "Brier(ts)"]
     lines = [head]
     for name, r in rows.items():
         line = [name] + [_fmt(k, r.get(k), r.get(f"{k}_std")) for k, _ in COLUMNS]
@@ -45,6 +45,7 @@ def format_table(rows: dict[str, dict], calibrated: bool = False) -> str:
                 f"{t:.2f}" if t is not None else "-",
                 _fmt("nll", ts.get("nll")),
                 _fmt("ece", ts.get("ece")),
+                _fmt("brier", ts.get("brier")),
             ]
         lines.append(line)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
