@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from longtail.cli import main
-from longtail.data.datasets import load_fashion_mnist
+from longtail.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from longtail.data.prepare import prepare_data
 from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
@@ -29,18 +29,8 @@ from longtail.fit.images import decode
 from longtail.fit.prepare import prepare_user_data
 from longtail.train.checkpoint import verified_load
 
-CLASSES = [
-    "T-shirt top",  # a space in a class (folder) name
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+# folder names: "T-shirt/top" becomes "T-shirt top" (a space in a class name)
+CLASSES = [c.replace("/", " ") for c in FASHION_MNIST_CLASSES]
 COUNTS = [int(120 * 0.1 ** (i / 9)) for i in range(10)]  # 120 .. 12, imbalance factor 10
 HELDOUT_PER_CLASS = 15
 FIT_ARGS = ["device=cpu", "precision=fp32", "optim.epochs=4", "stage2.srepr_samples=3"]
