@@ -9,11 +9,6 @@ import torch
 import torch.nn as nn
 
 
-def has_bn(model: nn.Module) -> bool:
-    """True when the model has BatchNorm layers whose statistics need refreshing."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def refresh_bn(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
