@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -107,6 +108,14 @@ def test_cifar_pickle_random_bytes(data: bytes) -> None:
     for meta, batch in ((data, data), (good_meta, data)):
         with contextlib.suppress(LongtailError):
             load_cifar(_cifar_root(meta, batch), "test", 10)
+
+
+def test_cifar_pickle_with_a_huge_memo_index_is_refused_not_allocated() -> None:
+    """Six bytes (found by the fuzzer) ask pickle for a 1.4-billion-entry memo: ~12 GB, a minute."""
+    hostile = b"\x8fr\x00\x00\xbdV"  # EMPTY_SET, LONG_BINPUT 1455226880
+    good_meta = pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2)
+    with pytest.raises(LongtailError, match=r"test_batch: not a readable CIFAR pickle.*memo index"):
+        load_cifar(_cifar_root(good_meta, hostile), "test", 10)
 
 
 @FUZZ

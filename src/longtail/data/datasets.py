@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import pickle
+import pickletools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -137,10 +138,23 @@ _CIFAR = {
 }
 
 
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _check_memo_indices(data: bytes) -> None:
+    """Refuse memo indices larger than the file: pickle sizes its memo table to the largest index
+    a PUT names, so six random bytes can make it allocate and zero ~12 GB for a minute. Genuine
+    pickles number their memo entries 0, 1, 2, ..., far below the byte count."""
+    for op, arg, pos in pickletools.genops(data):
+        if op.name in _MEMO_OPS and arg > len(data):
+            raise ValueError(f"memo index {arg} at byte {pos} exceeds the file's {len(data)} bytes")
+
+
 def _read_pickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+        data = path.read_bytes()
+        _check_memo_indices(data)
+        obj = pickle.loads(data, encoding="bytes")
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
