@@ -111,7 +111,11 @@ def test_ncm_centroids_are_unit_norm_ish_and_classify_their_own_class(classified
     ztr, ytr = classified.feats["train"]
     head = M.ncm(ztr, ytr, 10)
     norms = head.centroids.norm(dim=1)
-    assert ((norms > 0.5) & (norms <= 1 + 1e-5)).all(), norms
+    # Means of unit vectors: at most 1, and far above the ~1/sqrt(n) of directions spread at
+    # random, because a class's features cluster. (The tiny run's least clustered class, digit
+    # 1, ranges 0.47-0.97 over seeds and kernels; the other classes sit at 0.92-0.99.)
+    assert ((norms > 0.3) & (norms <= 1 + 1e-5)).all(), norms
+    assert norms.median() > 0.9, norms
     r = classified.saved["methods"]["ncm"]
     assert r["weight_norm"] == pytest.approx(norms.tolist(), rel=1e-5)
     means = torch.stack([ztr[ytr == c].mean(0) for c in range(10)])

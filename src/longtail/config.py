@@ -116,6 +116,7 @@ class Config:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step (a few % on CPU; more on GPU)
+    fused_bn: bool = True  # ResNet-32 on CPU: fused BatchNorm+ReLU kernel (built on first use)
     sync_bn: bool = False  # SyncBatchNorm under torchrun (DDP)
     deterministic: bool = False
     checkpoint_every_steps: int = 0

@@ -176,6 +176,8 @@ class Stage1:
             self.splits.train.channels,
             cfg.model.weights_path,
         )
+        if hasattr(self.model, "fused_bn"):
+            self.model.fused_bn = cfg.fused_bn
         self.model.to(self.rt.device)
         if self.rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
