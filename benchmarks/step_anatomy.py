@@ -5,12 +5,14 @@
 Random 32x32x3 data, batch 128, SGD momentum 0.9; every comparison is interleaved in one process
 (medians of ``--rounds`` trials) so a slow spell of the machine hits all variants alike:
 
-1. layout x precision: NCHW / channels-last, fp32 / bf16 autocast;
+1. layout x precision: NCHW / channels-last, fp32 / bf16 autocast, and channels-last bf16 with
+   the fused BatchNorm+ReLU kernel switched off;
 2. eager vs ``torch.compile`` (channels-last bf16);
 3. thread scaling: 1 thread at batch 64 vs all threads at batch 128;
 4. the convolutions alone: oneDNN's verbose log of one step (child process), summed per pass,
    as GFLOP/s and as a share of the bf16 matmul peak measured in the same run;
-5. BatchNorm + ReLU forward and backward on one activation of each stage (memory-bound part).
+5. BatchNorm + ReLU forward and backward on one activation of each stage (memory-bound part),
+   PyTorch's ops vs the fused kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.models import build_model
+from longtail.models.fused_bn import bn_relu
+from longtail.train.runtime import retain_freed_memory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import GFLOP_PER_IMAGE, matmul_peak  # noqa: E402
@@ -35,11 +39,14 @@ from train_throughput import GFLOP_PER_IMAGE, matmul_peak  # noqa: E402
 BATCH = 128
 
 
-def make_step(channels_last: bool, bf16: bool, compiled: bool = False, batch: int = BATCH):
+def make_step(
+    channels_last: bool, bf16: bool, compiled: bool = False, batch: int = BATCH, fused: bool = True
+):
     """A closure running one SGD step of ResNet-32 on fixed random data."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model("resnet32", 10).to(memory_format=fmt)
+    model.fused_bn = fused
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     net = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
@@ -92,13 +99,14 @@ def conv_log() -> dict[str, float]:
     return dict(ms)
 
 
-def bn_relu_ms(channels: int, side: int, reps: int = 30) -> tuple[float, float, float]:
-    """Median ms of BatchNorm forward, ReLU, and both backward, bf16 channels-last, batch 128."""
+def bn_relu_ms(channels: int, side: int, reps: int = 30) -> dict[str, float]:
+    """Median ms of BatchNorm + ReLU, bf16 channels-last, batch 128: PyTorch's BN forward, ReLU
+    and their backward, and the fused kernel's forward and backward (interleaved)."""
     bn = nn.BatchNorm2d(channels)
     x = torch.randn(BATCH, channels, side, side).bfloat16()
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn_like(x)
-    times = []
+    times: dict[str, list[float]] = collections.defaultdict(list)
     for i in range(reps + 3):
         t0 = time.perf_counter()
         y = bn(x)
@@ -108,9 +116,19 @@ def bn_relu_ms(channels: int, side: int, reps: int = 30) -> tuple[float, float, 
         z.backward(g)
         t3 = time.perf_counter()
         x.grad = None
+        z = bn_relu(bn, x)
+        t4 = time.perf_counter()
+        z.backward(g)
+        t5 = time.perf_counter()
+        x.grad = None
         if i >= 3:
-            times.append((t1 - t0, t2 - t1, t3 - t2))
-    return tuple(1e3 * statistics.median(t[j] for t in times) for j in range(3))
+            for k, t in zip(
+                ("bn", "relu", "bwd", "fused fwd", "fused bwd"),
+                (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
+                strict=True,
+            ):
+                times[k].append(1e3 * t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -124,6 +142,7 @@ def main() -> None:
         with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
             step()
         return
+    retain_freed_memory()  # as make_runtime() does for every CPU run
     n_threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {n_threads} threads, batch {BATCH}")
     peak = matmul_peak()
@@ -135,6 +154,7 @@ def main() -> None:
         "channels-last fp32": make_step(True, False),
         "NCHW bf16": make_step(False, True),
         "channels-last bf16": make_step(True, True),
+        "  same, BN unfused": make_step(True, True, fused=False),
     }
     mode_rates = interleaved(modes, a.rounds)
     for k, r in mode_rates.items():
@@ -175,11 +195,13 @@ def main() -> None:
 
     print("\n5. BatchNorm + ReLU on one activation, bf16 channels-last (median ms)")
     for c, side in ((16, 32), (32, 16), (64, 8)):
-        fwd, relu, bwd = bn_relu_ms(c, side)
+        t = bn_relu_ms(c, side)
         mb = BATCH * c * side * side * 2 / 1e6
         print(
-            f"   {c:2d} x {side:2d}x{side:<2d} ({mb:4.1f} MB): BN fwd {fwd:.2f}, ReLU {relu:.2f}, "
-            f"backward {bwd:.2f}, total {fwd + relu + bwd:.2f} ms"
+            f"   {c:2d} x {side:2d}x{side:<2d} ({mb:4.1f} MB): PyTorch BN fwd {t['bn']:.2f} + ReLU "
+            f"{t['relu']:.2f} + backward {t['bwd']:.2f} = {t['bn'] + t['relu'] + t['bwd']:.2f} ms; "
+            f"fused {t['fused fwd']:.2f} + {t['fused bwd']:.2f} = "
+            f"{t['fused fwd'] + t['fused bwd']:.2f} ms"
         )
 
 
