@@ -1,4 +1,4 @@
-"""The README's Python example runs as written (in a scratch directory)."""
+"""The Python examples in the README and docs/METHODS.md run as written."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
     assert "[143 111  86  66  51  40  31  24  18  14]" in out
     assert all(m in out for m in ("crt", "tau", "srepr"))
     assert (tmp_path / "runs" / "nb-digits" / "results.json").is_file()
+
+
+def test_methods_fused_bn_example_runs(capsys) -> None:
+    """docs/METHODS.md's "Speed on CPU" example: fused and plain BatchNorm agree."""
+    methods = README.parent / "docs" / "METHODS.md"
+    blocks = re.findall(r"```python\n(.*?)```", methods.read_text(), flags=re.S)
+    (code,) = [b for b in blocks if "fused_bn" in b]
+    exec(compile(code, str(methods), "exec"), {"__name__": "methods"})
+    diff = float(capsys.readouterr().out.split("(")[1].split(",")[0])
+    assert 0 < diff < 1e-4  # not identical (different kernels), equal up to fp32 rounding
