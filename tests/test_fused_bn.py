@@ -130,12 +130,18 @@ def test_running_statistics_and_cumulative_momentum():
 
 
 @pytest.mark.parametrize(
-    "case", ["eval", "nchw", "channels_not_multiple_of_16", "sync_bn_type", "fp16"]
+    "case", ["eval", "nchw", "channels_not_multiple_of_16", "sync_bn_type", "fp16", "one_pixel"]
 )
 def test_cases_the_kernel_does_not_cover_fall_back_to_pytorch(case):
     c = 8 if case == "channels_not_multiple_of_16" else 16
     dtype = torch.float16 if case == "fp16" else torch.float32
     x, r, _ = data(c, 4, True, dtype)
+    if case == "one_pixel":  # PyTorch's own error ("more than 1 value per channel"), not NaNs
+        x, r = x[:1, :, :1, :1], r[:1, :, :1, :1]
+        assert not fused_bn._fusable(make_bn(c), x, r)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            bn_relu(make_bn(c), x, r)
+        return
     if case == "nchw":
         x, r = x.contiguous(), r.contiguous()
     bn = make_bn(c)

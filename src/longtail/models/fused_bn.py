@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -56,9 +57,9 @@ def _cpu_tag() -> str:
 
 
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC", "cc")
+    compiler = shlex.split(os.environ.get("CC") or "cc")
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, _cpu_tag()]).encode()
+        _SOURCE.read_bytes() + " ".join([*compiler, *_FLAGS, _cpu_tag()]).encode()
     ).hexdigest()[:16]
     out = cache_dir() / f"fused_bn-{key}.so"
     if not out.exists():
@@ -67,10 +68,10 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             proc = subprocess.run(
-                [compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True
+                [*compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True
             )
             if proc.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+                raise RuntimeError(f"{compiler[0]} failed: {proc.stderr.strip()[-500:]}")
             os.replace(tmp, out)  # atomic: concurrent builders each publish a whole file
         finally:
             if os.path.exists(tmp):
@@ -155,6 +156,7 @@ def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> b
         and x.dim() == 4
         and x.dtype in _DTYPES
         and x.shape[1] % 16 == 0
+        and x.shape[0] * x.shape[2] * x.shape[3] > 1  # else PyTorch's error or empty result
         and x.is_contiguous(memory_format=torch.channels_last)
         and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
         and not torch.compiler.is_compiling()
