@@ -183,6 +183,19 @@ def test_cifar_red_channel_first(tmp_path):
     assert ds.labels.tolist() == [4]
 
 
+def test_cifar_pickle_with_python2_numpy_module_names(tmp_path):
+    """The official files name numpy.core.multiarray (NumPy 1 / Python 2 cPickle)."""
+    base = tmp_path / "cifar-10-batches-py"
+    _dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, base / "batches.meta")
+    row = np.arange(3072, dtype=np.int64).astype(np.uint8)[None]
+    data = pickle.dumps({b"data": row, b"labels": [4]}, protocol=2)
+    py2 = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert py2 != data
+    (base / "test_batch").write_bytes(py2)
+    ds = load_cifar(tmp_path, "test", 10)
+    assert np.array_equal(ds.images.numpy().reshape(1, -1), row)
+
+
 def test_cifar100(tmp_path):
     written = make_cifar100(tmp_path)
     train = load_dataset("cifar100", "train", root=str(tmp_path))

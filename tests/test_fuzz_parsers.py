@@ -118,6 +118,20 @@ def test_cifar_pickle_with_a_huge_memo_index_is_refused_not_allocated() -> None:
         load_cifar(_cifar_root(good_meta, hostile), "test", 10)
 
 
+def test_cifar_pickle_cannot_run_code(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:  # unpickling calls open(marker, "w"): a file appears if code ran
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    batch = pickle.dumps({b"data": Payload(), b"labels": [0]}, protocol=2)
+    good_meta = pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2)
+    with pytest.raises(LongtailError, match=r"refusing global (io|builtins)\.open"):
+        load_cifar(_cifar_root(good_meta, batch), "test", 10)
+    assert not marker.exists()
+
+
 @FUZZ
 @given(PICKLABLE, st.dictionaries(st.sampled_from([b"data", b"labels"]), PICKLABLE, min_size=2))
 def test_cifar_batch_keys_with_any_values(names: object, batch: dict) -> None:

@@ -9,6 +9,7 @@ decoded lazily with PIL by :mod:`longtail.data.streaming`.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import pickle
@@ -150,11 +151,36 @@ def _check_memo_indices(data: bytes) -> None:
             raise ValueError(f"memo index {arg} at byte {pos} exceeds the file's {len(data)} bytes")
 
 
+# What the CIFAR python pickles (Python 2 cPickle, protocol 2) and pickles written like them by
+# Python 3 refer to: numpy arrays, and bytes spelled as _codecs.encode under protocol 2.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads numpy arrays and plain containers only: a dataset file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing global {module}.{name}: CIFAR pickles hold only numpy arrays, lists, "
+                "dicts and bytes"
+            )
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         data = path.read_bytes()
         _check_memo_indices(data)
-        obj = pickle.loads(data, encoding="bytes")
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
