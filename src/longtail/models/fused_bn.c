@@ -9,7 +9,8 @@
  * Backward: g = dy where y > 0; dres = g;
  *           dx = w*invstd * (g - mean(g) - xhat * mean(g * xhat)),
  *           dw = sum(g * xhat), db = sum(g)
- * PyTorch's separate ops read and write every activation ~15 times per layer; this does it in 8.
+ * PyTorch's separate ops (BN, add, ReLU and their backwards) pass over the activation 13 times
+ * per layer, 16 with the residual; this makes 8, 11 with the residual.
  */
 #include <math.h>
 #include <stdint.h>
