@@ -1,13 +1,13 @@
 """Markdown tables from the runs of benchmarks/fmnist_stage1.sh.
 
-python benchmarks/summarize_fmnist.py runs/bench-fmnist
+python benchmarks/summarize_fmnist.py runs/bench-fmnist [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics as st
-import sys
 from pathlib import Path
 
 SEEDS = (0, 1, 2)
@@ -48,6 +48,12 @@ def stage1_tables(root: Path) -> None:
     ]
     print(
         f"\nbf16 − fp32 accuracy per seed: {', '.join(f'{100 * d:+.2f}' for d in diff)}; "
+        f"mean {100 * st.mean(diff):+.2f} points"
+    )
+    pairs = zip(*runs.values(), strict=True)
+    diff = [a["swa"]["accuracy"] - b["swa"]["accuracy"] for a, b in pairs]
+    print(
+        f"\nsame for the SWA models: {', '.join(f'{100 * d:+.2f}' for d in diff)}; "
         f"mean {100 * st.mean(diff):+.2f} points\n"
     )
     print("### SWA vs the final SGD model of the same run (test set)\n")
@@ -112,6 +118,10 @@ def stage2_tables(root: Path, prefix: str = "bf16") -> None:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-fmnist")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("root", nargs="?", default="runs/bench-fmnist", type=Path)
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    a = ap.parse_args()
+    SEEDS, root = tuple(a.seeds), a.root
     stage1_tables(root)
     stage2_tables(root)
