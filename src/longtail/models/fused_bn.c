@@ -77,6 +77,21 @@ INLINE v16f vec(const float *p) {
     return f;
 }
 
+/* This OpenMP thread's share [lo, hi) of the R rows. */
+INLINE void thread_rows(long R, long *lo, long *hi) {
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    *lo = R * t / T;
+    *hi = R * (t + 1) / T;
+}
+
+/* Adds the 16 lanes of fs and fq into ps[0..16) and pq[0..16). */
+INLINE void add_lanes(double *ps, double *pq, v16f fs, v16f fq) {
+    for (int j = 0; j < 16; j++) {
+        ps[j] += fs[j];
+        pq[j] += fq[j];
+    }
+}
+
 /* Sum over threads of the per-thread partial sums part[t][2][C] into s[C], q[C]. */
 static void combine(const double *part, int nt, int C, double *s, double *q) {
     for (int c = 0; c < C; c++) s[c] = q[c] = 0.0;
@@ -109,9 +124,9 @@ INLINE int forward_impl(const void *x, const void *res, void *y, long R, int C, 
     }
 #pragma omp parallel
     {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        long lo = R * t / T, hi = R * (t + 1) / T;
-        double *ps = part + (size_t)t * 2 * C, *pq = ps + C;
+        long lo, hi;
+        thread_rows(R, &lo, &hi);
+        double *ps = part + (size_t)omp_get_thread_num() * 2 * C, *pq = ps + C;
         for (long r0 = lo; r0 < hi; r0 += ROWS) {
             long r1 = r0 + ROWS < hi ? r0 + ROWS : hi;
             for (int c = 0; c < C; c += 16) {
@@ -121,10 +136,7 @@ INLINE int forward_impl(const void *x, const void *res, void *y, long R, int C, 
                     fs += v;
                     fq += v * v;
                 }
-                for (int j = 0; j < 16; j++) {
-                    ps[c + j] += fs[j];
-                    pq[c + j] += fq[j];
-                }
+                add_lanes(ps + c, pq + c, fs, fq);
             }
         }
     }
@@ -174,9 +186,9 @@ INLINE int backward_impl(const void *dy, const void *x, const void *y, void *res
     double *sg = part + (size_t)nt * 2 * C, *sgx = sg + C;
 #pragma omp parallel
     {
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        long lo = R * t / T, hi = R * (t + 1) / T;
-        double *ps = part + (size_t)t * 2 * C, *pq = ps + C;
+        long lo, hi;
+        thread_rows(R, &lo, &hi);
+        double *ps = part + (size_t)omp_get_thread_num() * 2 * C, *pq = ps + C;
         for (long r0 = lo; r0 < hi; r0 += ROWS) {
             long r1 = r0 + ROWS < hi ? r0 + ROWS : hi;
             for (int c = 0; c < C; c += 16) {
@@ -193,10 +205,7 @@ INLINE int backward_impl(const void *dy, const void *x, const void *y, void *res
                     fs += gv;
                     fq += gv * (xv - mu);
                 }
-                for (int j = 0; j < 16; j++) {
-                    ps[c + j] += fs[j];
-                    pq[c + j] += fq[j];
-                }
+                add_lanes(ps + c, pq + c, fs, fq);
             }
         }
     }
