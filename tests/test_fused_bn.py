@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.models import build_model, fused_bn
+from longtail.models import build_model, fused_bn, kernels
 from longtail.models.fused_bn import bn_relu
 
 CL = torch.channels_last
@@ -177,24 +177,24 @@ def test_resnet32_training_step_matches_unfused():
 
 def test_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(fused_bn, "_lib", None)
+    monkeypatch.setattr(kernels, "_libs", {})
     assert fused_bn.load_kernel() is not None
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no temp file left behind
-    monkeypatch.setattr(fused_bn, "_lib", None)
+    kernels.forget("fused_bn")
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("the cached kernel should have been reused")
 
-    monkeypatch.setattr(fused_bn.subprocess, "run", no_compiler)
+    monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
     assert fused_bn.load_kernel() is not None
 
 
 def test_without_a_compiler_it_warns_once_and_computes_the_same(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "longtail-no-such-compiler")
-    monkeypatch.setattr(fused_bn, "_lib", None)
-    monkeypatch.setattr(fused_bn, "_failed", None)
+    monkeypatch.setattr(kernels, "_libs", {})
+    monkeypatch.setattr(kernels, "_failed", {})
     x, r, _ = data(16, 4, True, torch.float32)
     bn = make_bn(16)
     with pytest.warns(RuntimeWarning, match="could not be built.*fused_bn=false"):

@@ -117,6 +117,7 @@ class Config:
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step (a few % on CPU; more on GPU)
     fused_bn: bool = True  # ResNet-32 on CPU: fused BatchNorm+ReLU kernel (built on first use)
+    fast_conv: bool = True  # ResNet-32, CPU bf16: 3x3 convolution kernel (AVX512-BF16 CPUs)
     sync_bn: bool = False  # SyncBatchNorm under torchrun (DDP)
     deterministic: bool = False
     checkpoint_every_steps: int = 0

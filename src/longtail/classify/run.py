@@ -82,6 +82,8 @@ class Stage2:
         model = build_model(c.model.name, self.num_classes, self.splits.train.channels)
         if hasattr(model, "fused_bn"):
             model.fused_bn = c.fused_bn
+        if hasattr(model, "fast_conv"):
+            model.fast_conv = c.fast_conv
         model.load_state_dict(verified_load(weights))
         model.to(self.rt.device).eval()
         if self.rt.channels_last:

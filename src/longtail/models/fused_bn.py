@@ -4,106 +4,34 @@ On CPU a ResNet-32 training step spends almost half its time in memory-bound Bat
 and residual adds (docs/RESULTS.md, step anatomy). PyTorch runs them as separate passes over
 each activation; :func:`bn_relu` does ``relu(bn(x) + residual)`` in training mode as one forward
 and one backward kernel (``fused_bn.c``), about twice as fast per layer. The kernel is compiled
-with the system C compiler (``$CC``, default ``cc``; ``-O3 -march=native -fopenmp``) into
-``$LONGTAIL_CACHE_DIR/kernels`` (default ``~/.cache/longtail/kernels``) the first time it is
-needed. Without a compiler, or for anything the kernel does not cover (eval mode, GPU, NCHW
-layout, channels not a multiple of 16, fp16, ``torch.compile``, SyncBatchNorm), the same
-function computes with PyTorch's own ops, so results never depend on the fast path being there.
+by the system C compiler on first use (``models/kernels.py``). Without a compiler, or for
+anything the kernel does not cover (eval mode, GPU, NCHW layout, channels not a multiple of 16,
+fp16, ``torch.compile``, SyncBatchNorm), the same function computes with PyTorch's own ops, so
+results never depend on the fast path being there.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shlex
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-_SOURCE = Path(__file__).with_name("fused_bn.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+from longtail.models import kernels
+
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_failed: str | None = None
-
-
-def cache_dir() -> Path:
-    """Kernel folder: ``$LONGTAIL_CACHE_DIR/kernels``, else ``~/.cache/longtail/kernels``."""
-    root = os.environ.get("LONGTAIL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "longtail"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_tag() -> str:
-    """The CPU's feature flags: a kernel built with -march=native only runs where they match."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build() -> ctypes.CDLL:
-    compiler = shlex.split(os.environ.get("CC") or "cc")
-    key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join([*compiler, *_FLAGS, _cpu_tag()]).encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / f"fused_bn-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".fused_bn-", suffix=".so")
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [*compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"{compiler[0]} failed: {proc.stderr.strip()[-500:]}")
-            os.replace(tmp, out)  # atomic: concurrent builders each publish a whole file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
-    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
-    lib.lt_bn_relu_forward.argtypes = [p, p, p, i64, i32, p, p, p, p, f64, f64, p, i32]
-    lib.lt_bn_relu_backward.argtypes = [p, p, p, p, p, i64, i32, p, p, p, i32]
-    lib.lt_bn_relu_forward.restype = lib.lt_bn_relu_backward.restype = i32
-    return lib
+_P, _I64, _I32, _F64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
+_SIGNATURES: kernels.Signatures = {
+    "lt_bn_relu_forward": (_I32, [_P, _P, _P, _I64, _I32, _P, _P, _P, _P, _F64, _F64, _P, _I32]),
+    "lt_bn_relu_backward": (_I32, [_P, _P, _P, _P, _P, _I64, _I32, _P, _P, _P, _I32]),
+}
 
 
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, built on first call; ``None`` (after one warning) if it cannot be."""
-    global _lib, _failed
-    if _lib is not None or _failed is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _failed is None:
-            try:
-                _lib = _build()
-            except (OSError, RuntimeError) as e:
-                _failed = str(e)
-                warnings.warn(
-                    f"longtail: the fused BatchNorm+ReLU CPU kernel could not be built ({e}); "
-                    "training uses PyTorch's separate ops instead (slower on CPU, same results). "
-                    "Install a C compiler with OpenMP (e.g. gcc) or set fused_bn=false to "
-                    "silence this.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _lib
+    return kernels.load("fused_bn", _SIGNATURES, "fused BatchNorm+ReLU", "fused_bn")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -3,7 +3,9 @@
 BasicBlock x [5, 5, 5] with widths 16 / 32 / 64, parameter-free "option A" shortcuts (stride-2
 subsampling and zero channel padding), 64-d features after global average pooling. Every
 BatchNorm is followed by a ReLU (after the residual add in a block's second half), which
-:func:`~longtail.models.fused_bn.bn_relu` computes in one fused CPU kernel when ``fused_bn`` is on.
+:func:`~longtail.models.fused_bn.bn_relu` computes in one fused CPU kernel when ``fused_bn`` is on;
+the 3x3 stride-1 convolutions of 16-multiple widths go through
+:func:`~longtail.models.conv3x3.conv3x3`'s bf16 CPU kernel when ``fast_conv`` is on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.models.conv3x3 import conv3x3
 from longtail.models.fused_bn import bn_relu
 
 
@@ -65,23 +68,27 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             self.shortcut = _PadShortcut(planes - in_planes)
         self.fused_bn = True
+        self.fast_conv = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
             out = F.relu(self.bn1(self.conv1(x)))
             return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-        out = bn_relu(self.bn1, self.conv1(x), fused=self.fused_bn)
-        return bn_relu(self.bn2, self.conv2(out), self.shortcut(x), fused=self.fused_bn)
+        out = bn_relu(self.bn1, conv3x3(self.conv1, x, self.fast_conv), fused=self.fused_bn)
+        out = conv3x3(self.conv2, out, self.fast_conv)
+        return bn_relu(self.bn2, out, self.shortcut(x), fused=self.fused_bn)
 
 
 class CifarResNet(nn.Module):
     """CIFAR-style ResNet; ``features(x)``: ``(B, C_in, H, W)`` -> ``(B, 64)``.
 
     ``fused_bn``: compute BatchNorm + ReLU with the fused CPU kernel where it applies (training on
-    CPU, channels-last); settable later, e.g. ``model.fused_bn = False``.
+    CPU, channels-last); ``fast_conv``: run 3x3 convolutions through longtail's bf16 CPU kernel
+    where it applies (CPU bf16 autocast, channels-last, AVX512-BF16). Both settable later, e.g.
+    ``model.fused_bn = False``.
     """
 
-    __jit_unused_properties__ = ["fused_bn"]  # noqa: RUF012 - TorchScript's hook, not a field
+    __jit_unused_properties__ = ["fused_bn", "fast_conv"]  # noqa: RUF012 - TorchScript's hook
 
     def __init__(
         self,
@@ -89,6 +96,7 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         fused_bn: bool = True,
+        fast_conv: bool = True,
     ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
@@ -105,6 +113,7 @@ class CifarResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
         self.fused_bn = fused_bn
+        self.fast_conv = fast_conv
 
     @property
     def fused_bn(self) -> bool:
@@ -117,6 +126,18 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, BasicBlock):
                 m.fused_bn = self._fused_bn
+
+    @property
+    def fast_conv(self) -> bool:
+        """Whether 3x3 convolutions may use the bf16 CPU kernel (``models/conv3x3.py``)."""
+        return self._fast_conv
+
+    @fast_conv.setter
+    def fast_conv(self, on: bool) -> None:
+        self._fast_conv = bool(on)
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                m.fast_conv = self._fast_conv
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, 64)`` of images ``(B, C_in, H, W)``."""

@@ -178,6 +178,8 @@ class Stage1:
         )
         if hasattr(self.model, "fused_bn"):
             self.model.fused_bn = cfg.fused_bn
+        if hasattr(self.model, "fast_conv"):
+            self.model.fast_conv = cfg.fast_conv
         self.model.to(self.rt.device)
         if self.rt.channels_last:
             self.model.to(memory_format=torch.channels_last)

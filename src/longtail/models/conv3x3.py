@@ -1,0 +1,117 @@
+"""3x3 stride-1 convolutions for bf16 CPU training, from a C kernel built on first use.
+
+oneDNN's bf16 convolutions reach about 40% of a CPU's bf16 matmul peak on ResNet-32's
+16-channel layers and on every weight gradient (docs/RESULTS.md, step anatomy). ``conv3x3.c``
+computes the forward, input-gradient and weight-gradient passes of a 3x3, stride-1, padding-1
+convolution with AVX512-BF16 dot products (``vdpbf16ps``), reusing every loaded value for
+several products; on this project's machine each pass is 1.2-2x faster than oneDNN's.
+:func:`conv3x3` takes this path for channels-last bf16 inputs under CPU bf16 autocast, channel
+counts that are multiples of 16, and a CPU with AVX512-BF16 (the C compiler is called on first use,
+``models/kernels.py``); anything else, ``torch.compile`` included, runs ``conv`` itself. Products
+are exact and sums fp32, as in oneDNN; the weight gradient is returned in fp32 without the
+intermediate bf16 rounding that autocast's path applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from longtail.models import kernels
+
+_P, _I32 = ctypes.c_void_p, ctypes.c_int
+_SIGNATURES: kernels.Signatures = {
+    "lt_conv3x3_available": (_I32, []),
+    "lt_conv3x3_forward": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32]),
+    "lt_conv3x3_weight_grad": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32]),
+}
+_CL = torch.channels_last
+
+
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or ``None`` if it cannot be built or the CPU lacks AVX512-BF16."""
+    lib = kernels.load("conv3x3", _SIGNATURES, "3x3 convolution", "fast_conv")
+    return lib if lib is not None and lib.lt_conv3x3_available() else None
+
+
+def _check(status: int, what: str) -> None:
+    if status == 1:
+        raise MemoryError(f"3x3 convolution kernel: out of memory for the {what} workspace")
+    if status != 0:
+        raise RuntimeError(f"3x3 convolution kernel: {what} failed with status {status}")
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose: int):
+    n, c, h, w = x.shape
+    y = torch.empty((n, out_channels, h, w), dtype=torch.bfloat16, memory_format=_CL)
+    status = load_kernel().lt_conv3x3_forward(
+        x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, h, w, c, out_channels, transpose
+    )
+    _check(status, "forward" if not transpose else "input-gradient")
+    return y
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach().contiguous()
+        ctx.save_for_backward(x, weight)
+        return _forward(x, weight, weight.shape[0], 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dy = dy.to(torch.bfloat16).contiguous(memory_format=_CL)
+        dx = _forward(dy, weight, weight.shape[1], 1) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            n, c, h, w = x.shape
+            dw = torch.empty_like(weight)
+            status = load_kernel().lt_conv3x3_weight_grad(
+                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0]
+            )
+            _check(status, "weight-gradient")
+        return dx, dw
+
+
+def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and conv.weight.dtype == torch.float32
+        and conv.in_channels % 16 == 0
+        and conv.out_channels % 16 == 0
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.dim() == 4
+        and x.shape[1] == conv.in_channels
+        and x.is_contiguous(memory_format=_CL)
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not torch.compiler.is_compiling()
+        and load_kernel() is not None
+    )
+
+
+def conv3x3(conv: nn.Conv2d, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """``conv(x)``, through the 3x3 bf16 CPU kernel when it applies.
+
+    ``x``: ``(N, C_in, H, W)``; returns ``(N, C_out, H, W)``. The kernel path needs a plain
+    ``nn.Conv2d`` (3x3, stride 1, padding 1, no bias, fp32 weight), ``C_in`` and ``C_out``
+    multiples of 16, ``x`` channels-last bf16 on CPU under ``torch.autocast("cpu",
+    dtype=torch.bfloat16)``; its gradient for ``conv.weight`` is fp32. Otherwise, or with
+    ``fast=False``, this is ``conv(x)``.
+    """
+    if fast and _applies(conv, x):
+        return _Conv3x3.apply(x, conv.weight)
+    return conv(x)

@@ -1,0 +1,109 @@
+"""Build and load longtail's C kernels (``fused_bn.c``, ``conv3x3.c``) on first use.
+
+Each source in this folder is compiled with the system C compiler (``$CC``, default ``cc``;
+``-O3 -march=native -fopenmp``) into ``$LONGTAIL_CACHE_DIR/kernels`` (default
+``~/.cache/longtail/kernels``), keyed by the source, the flags and the CPU's feature flags, and
+loaded with ctypes. A kernel that cannot be built warns once and :func:`load` returns ``None``;
+the callers then compute with PyTorch's own ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL] = {}
+_failed: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Kernel folder: ``$LONGTAIL_CACHE_DIR/kernels``, else ``~/.cache/longtail/kernels``."""
+    root = os.environ.get("LONGTAIL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "longtail"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_tag() -> str:
+    """The CPU's feature flags: a kernel built with -march=native only runs where they match."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+Signatures = dict[str, tuple[object, list[object]]]
+
+
+def _build(name: str, signatures: Signatures) -> ctypes.CDLL:
+    source = Path(__file__).with_name(f"{name}.c")
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    key = hashlib.sha256(
+        source.read_bytes() + " ".join([*compiler, *_FLAGS, _cpu_tag()]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{name}-", suffix=".so")
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [*compiler, *_FLAGS, "-o", tmp, str(source)], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"{compiler[0]} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, out)  # atomic: concurrent builders each publish a whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    for fn, (restype, argtypes) in signatures.items():
+        getattr(lib, fn).restype = restype
+        getattr(lib, fn).argtypes = argtypes
+    return lib
+
+
+def load(name: str, signatures: Signatures, what: str, switch: str) -> ctypes.CDLL | None:
+    """Kernel library ``name`` (``models/<name>.c``), built on first call.
+
+    ``signatures`` maps each function to ``(restype, argtypes)`` (ctypes types).
+    Returns ``None`` after one ``RuntimeWarning`` naming ``what`` the kernel does and the config
+    ``switch`` that turns it off, if it cannot be built.
+    """
+    lib = _libs.get(name)
+    if lib is not None or name in _failed:
+        return lib
+    with _lock:
+        if name not in _libs and name not in _failed:
+            try:
+                _libs[name] = _build(name, signatures)
+            except (OSError, RuntimeError) as e:
+                _failed[name] = str(e)
+                warnings.warn(
+                    f"longtail: the {what} CPU kernel could not be built ({e}); training uses "
+                    "PyTorch's own ops instead (slower on CPU, same results). Install a C "
+                    f"compiler with OpenMP (e.g. gcc) or set {switch}=false to silence this.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+    return _libs.get(name)
+
+
+def forget(name: str) -> None:
+    """Drop the loaded or failed state of ``name`` so the next :func:`load` builds again."""
+    with _lock:
+        _libs.pop(name, None)
+        _failed.pop(name, None)

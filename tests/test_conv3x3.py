@@ -1,0 +1,148 @@
+"""The 3x3 bf16 convolution kernel against PyTorch's convolution in float64."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longtail.models import build_model, conv3x3
+from longtail.models.conv3x3 import conv3x3 as conv_fn
+
+CL = torch.channels_last
+BF16_CPU = (
+    "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+)
+needs_kernel = pytest.mark.skipif(not BF16_CPU, reason="this CPU has no AVX512-BF16")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """On an AVX512-BF16 CPU with a compiler (CI's machine) the kernel must really load."""
+    if not BF16_CPU:
+        pytest.skip("this CPU has no AVX512-BF16")
+    lib = conv3x3.load_kernel()
+    assert lib is not None, "the 3x3 convolution kernel failed to build"
+    return lib
+
+
+def bf16_data(n, ci, co, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ci, h, w, generator=g).bfloat16().contiguous(memory_format=CL)
+    dy = torch.randn(n, co, h, w, generator=g).bfloat16().contiguous(memory_format=CL)
+    weight = torch.randn(co, ci, 3, 3, generator=g) * 0.1
+    return x, dy, weight
+
+
+def through_kernel(x, weight, dy):
+    """Output and gradients (x, weight) of ``conv3x3`` under bf16 autocast."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_fn(conv, x)
+    y.backward(dy)
+    return y, x.grad, conv.weight.grad
+
+
+# (N, C_in, C_out, H, W): ResNet-32's three widths, Fashion-MNIST's odd sizes (28 -> 14 -> 7),
+# a one-pixel image, a non-square image and a width change.
+SHAPES = [
+    (4, 16, 16, 32, 32),
+    (4, 32, 32, 16, 16),
+    (4, 64, 64, 8, 8),
+    (3, 16, 16, 28, 28),
+    (3, 64, 64, 7, 7),
+    (2, 32, 32, 1, 1),
+    (2, 16, 32, 5, 11),
+    (2, 48, 16, 3, 2),
+]
+
+
+@pytest.mark.parametrize("n,ci,co,h,w", SHAPES)
+def test_all_three_passes_match_float64(lib, n, ci, co, h, w):
+    x, dy, weight = bf16_data(n, ci, co, h, w, seed=ci + h)
+    y, dx, dw = through_kernel(x, weight, dy)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    assert y.is_contiguous(memory_format=CL) and dx.is_contiguous(memory_format=CL)
+    w64 = weight.bfloat16().double()  # what autocast feeds the convolution
+    y64 = F.conv2d(x.double(), w64, padding=1)
+    dx64 = torch.nn.grad.conv2d_input(x.shape, w64, dy.double(), padding=1)
+    dw64 = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), padding=1)
+    # bf16 outputs: within one bf16 rounding (2^-8 relative) of the exact value, plus fp32
+    # accumulation noise relative to the largest value; dw is fp32 throughout.
+    for got, exact in ((y, y64), (dx, dx64)):
+        err = (got.double() - exact).abs()
+        assert (err <= 2**-8 * exact.abs() + 1e-5 * exact.abs().max()).all()
+    assert (dw.double() - dw64).abs().max() <= 1e-5 * dw64.abs().max()
+
+
+def test_no_input_gradient_when_not_needed(lib):
+    x, dy, weight = bf16_data(2, 16, 16, 6, 6)
+    conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_fn(conv, x)
+    assert y.grad_fn is not None and "Conv3x3" in type(y.grad_fn).__name__
+    y.backward(dy)
+    assert conv.weight.grad is not None and x.grad is None
+
+
+@pytest.mark.parametrize(
+    "case", ["no autocast", "fp32 input", "nchw", "stride 2", "bias", "8 channels", "fast off"]
+)
+def test_anything_else_is_plain_conv2d(case):
+    """Outside the kernel's cases conv3x3 is exactly ``conv(x)``, the same autograd graph."""
+    ci = 8 if case == "8 channels" else 16
+    conv = nn.Conv2d(ci, 16, 3, 2 if case == "stride 2" else 1, 1, bias=case == "bias")
+    x = torch.randn(2, ci, 6, 6)
+    if case != "fp32 input":
+        x = x.bfloat16()
+    if case != "nchw":
+        x = x.contiguous(memory_format=CL)
+    fast = case != "fast off"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
+        if case == "no autocast":
+            conv = conv.bfloat16()
+        y = conv_fn(conv, x, fast)
+        expected = conv(x)
+    assert "Conv3x3" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_resnet32_training_step_same_as_onednn(lib):
+    """A whole bf16 step with and without the kernel: same loss, same gradients up to bf16.
+
+    bf16 autocast alone puts a freshly initialised ResNet-32's conv gradients 10-40% (relative
+    norm) away from float64, whichever convolution computes them; so each path is compared with
+    float64 and must be no further from it than oneDNN's path is (plus 2 points).
+    """
+    torch.manual_seed(0)
+    base = build_model("resnet32", 10).to(memory_format=CL).train()
+    x = torch.randn(32, 3, 32, 32).contiguous(memory_format=CL)
+    target = torch.randint(0, 10, (32,))
+    ref = copy.deepcopy(base).double()
+    ref.fused_bn = ref.fast_conv = False
+    F.cross_entropy(ref(x.double()), target).backward()
+
+    def step(fast: bool) -> tuple[float, nn.Module]:
+        model = copy.deepcopy(base)
+        model.fast_conv = fast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+        return loss.item(), model
+
+    (loss_a, a), (loss_b, b) = step(True), step(False)
+    assert abs(loss_a - loss_b) < 1e-2 * abs(loss_b)
+    assert a.fast_conv and not any(getattr(m, "fast_conv", False) for m in b.modules())
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), ref.parameters(), strict=True):
+        if p.dim() == 4:
+            err_fast = float((p.grad.double() - r.grad).norm() / r.grad.norm())
+            err_onednn = float((q.grad.double() - r.grad).norm() / r.grad.norm())
+            assert err_fast <= err_onednn + 0.02, name
