@@ -30,17 +30,18 @@ def lib():
     return lib
 
 
-def bf16_data(n, ci, co, h, w, seed=0):
+def bf16_data(n, ci, co, h, w, seed=0, stride=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, ci, h, w, generator=g).bfloat16().contiguous(memory_format=CL)
-    dy = torch.randn(n, co, h, w, generator=g).bfloat16().contiguous(memory_format=CL)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    dy = torch.randn(n, co, ho, wo, generator=g).bfloat16().contiguous(memory_format=CL)
     weight = torch.randn(co, ci, 3, 3, generator=g) * 0.1
     return x, dy, weight
 
 
-def through_kernel(x, weight, dy):
+def through_kernel(x, weight, dy, stride=1):
     """Output and gradients (x, weight) of ``conv3x3`` under bf16 autocast."""
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, 1, 1, bias=False)
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, stride, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(weight)
     x = x.detach().clone().requires_grad_()
@@ -50,30 +51,39 @@ def through_kernel(x, weight, dy):
     return y, x.grad, conv.weight.grad
 
 
-# (N, C_in, C_out, H, W): ResNet-32's three widths, Fashion-MNIST's odd sizes (28 -> 14 -> 7),
-# a one-pixel image, a non-square image and a width change.
+# (N, C_in, C_out, H, W, stride): ResNet-32's widths and its two stride-2 layers, Fashion-MNIST's
+# odd sizes (28 -> 14 -> 7), one-pixel and non-square images, width changes.
 SHAPES = [
-    (4, 16, 16, 32, 32),
-    (4, 32, 32, 16, 16),
-    (4, 64, 64, 8, 8),
-    (3, 16, 16, 28, 28),
-    (3, 64, 64, 7, 7),
-    (2, 32, 32, 1, 1),
-    (2, 16, 32, 5, 11),
-    (2, 48, 16, 3, 2),
+    (4, 16, 16, 32, 32, 1),
+    (4, 32, 32, 16, 16, 1),
+    (4, 64, 64, 8, 8, 1),
+    (3, 16, 16, 28, 28, 1),
+    (3, 64, 64, 7, 7, 1),
+    (2, 32, 32, 1, 1, 1),
+    (2, 16, 32, 5, 11, 1),
+    (2, 48, 16, 3, 2, 1),
+    (4, 16, 32, 32, 32, 2),
+    (4, 32, 64, 16, 16, 2),
+    (3, 16, 32, 28, 28, 2),
+    (3, 32, 64, 14, 14, 2),
+    (2, 16, 16, 7, 5, 2),
+    (2, 32, 16, 1, 1, 2),
+    (2, 16, 48, 2, 3, 2),
 ]
 
 
-@pytest.mark.parametrize("n,ci,co,h,w", SHAPES)
-def test_all_three_passes_match_float64(lib, n, ci, co, h, w):
-    x, dy, weight = bf16_data(n, ci, co, h, w, seed=ci + h)
-    y, dx, dw = through_kernel(x, weight, dy)
+@pytest.mark.parametrize("n,ci,co,h,w,stride", SHAPES)
+def test_all_three_passes_match_float64(lib, n, ci, co, h, w, stride):
+    x, dy, weight = bf16_data(n, ci, co, h, w, seed=ci + h, stride=stride)
+    y, dx, dw = through_kernel(x, weight, dy, stride)
     assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
     assert y.is_contiguous(memory_format=CL) and dx.is_contiguous(memory_format=CL)
     w64 = weight.bfloat16().double()  # what autocast feeds the convolution
-    y64 = F.conv2d(x.double(), w64, padding=1)
-    dx64 = torch.nn.grad.conv2d_input(x.shape, w64, dy.double(), padding=1)
-    dw64 = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), padding=1)
+    y64 = F.conv2d(x.double(), w64, stride=stride, padding=1)
+    dx64 = torch.nn.grad.conv2d_input(x.shape, w64, dy.double(), stride=stride, padding=1)
+    dw64 = torch.nn.grad.conv2d_weight(
+        x.double(), weight.shape, dy.double(), stride=stride, padding=1
+    )
     # bf16 outputs: within one bf16 rounding (2^-8 relative) of the exact value, plus fp32
     # accumulation noise relative to the largest value; dw is fp32 throughout.
     for got, exact in ((y, y64), (dx, dx64)):
@@ -93,12 +103,12 @@ def test_no_input_gradient_when_not_needed(lib):
 
 
 @pytest.mark.parametrize(
-    "case", ["no autocast", "fp32 input", "nchw", "stride 2", "bias", "8 channels", "fast off"]
+    "case", ["no autocast", "fp32 input", "nchw", "stride 3", "bias", "8 channels", "fast off"]
 )
 def test_anything_else_is_plain_conv2d(case):
     """Outside the kernel's cases conv3x3 is exactly ``conv(x)``, the same autograd graph."""
     ci = 8 if case == "8 channels" else 16
-    conv = nn.Conv2d(ci, 16, 3, 2 if case == "stride 2" else 1, 1, bias=case == "bias")
+    conv = nn.Conv2d(ci, 16, 3, 3 if case == "stride 3" else 1, 1, bias=case == "bias")
     x = torch.randn(2, ci, 6, 6)
     if case != "fp32 input":
         x = x.bfloat16()

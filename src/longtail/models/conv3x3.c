@@ -160,41 +160,45 @@ INLINE __m512i pairs(const uint16_t *a, const uint16_t *b) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Weight gradient: dw[o][i][kh][kw] = sum over pixels p of dy[p][o] * xpad[p + (kh, kw)][i].
- * vdpbf16ps sums over pairs, so the reduction runs over pixel pairs (p, p+1) of one row:
- * xe/xo hold each padded input row with pixel pairs interleaved per channel, starting at even
- * (xe) and odd (xo) padded columns, and dyp holds dy's pixel pairs the same way.  Register block:
- * lanes = 16 input channels, the three horizontal taps x 8 output channels = 24 accumulators;
- * per pixel pair 3 vector loads + 8 broadcasts feed 24 products.
- * Threads take whole images and sum into private fp32 buffers [9][CO][CI], added at the end.
+ * Weight gradient: dw[o][i][kh][kw] = sum over output pixels p of dy[p][o] * x[S*p + (kh, kw) - 1][i]
+ * (stride S = 1 or 2).  vdpbf16ps sums over pairs, so the reduction runs over pairs of adjacent
+ * output pixels (2k, 2k+1) of one row: xt[kw] holds each zero-padded input row with the two
+ * input pixels those outputs read at tap kw interleaved per channel, and dyp holds dy's pixel
+ * pairs the same way.  (For S = 1, tap 2's pairs are tap 0's shifted by one, so two arrays do.)
+ * Register block: lanes = 16 input channels, the three horizontal taps x 8 output channels = 24
+ * accumulators; per pixel pair 3 vector loads + 8 broadcasts feed 24 products.  Threads take
+ * whole images and sum into private fp32 buffers [9][CO][CI], added at the end.
  */
-static void wgrad_image(const uint16_t *x, const uint16_t *dy, float *acc_out, uint16_t *xe,
-                        uint16_t *xo, uint16_t *dyp, int H, int W, int CI, int CO) {
-    const int K = (W + 1) / 2;     /* pixel pairs per output row (last one half zero if W odd) */
-    const int KP = K + 1;          /* pairs per padded row: columns 0 .. 2K+1 */
-    const long xrs = (long)KP * CI * 2, drs = (long)K * CO * 2;
-    /* Interleave: xe[h'][k][i][j] = xpad[h'][2k+j][i], xo[h'][k][i][j] = xpad[h'][2k+1+j][i],
-     * dyp[h][k][o][j] = dy[h][2k+j][o]; columns outside the image are zero. */
-    for (int hp = 0; hp < H + 2; hp++) {
-        const int h = hp - 1, ok = h >= 0 && h < H;
-        const uint16_t *row = x + (long)h * W * CI;
-        for (int k = 0; k < KP; k++) {
-            const int c = 2 * k - 1; /* unpadded column of padded column 2k */
-            const uint16_t *a = ok && c >= 0 && c < W ? row + (long)c * CI : 0;
-            const uint16_t *b = ok && c + 1 < W ? row + (long)(c + 1) * CI : 0;
-            const uint16_t *d = ok && c + 2 < W ? row + (long)(c + 2) * CI : 0;
-            for (int i = 0; i < CI; i += 16) {
-                _mm512_storeu_si512(xe + hp * xrs + ((long)k * CI + i) * 2,
-                                    pairs(a ? a + i : 0, b ? b + i : 0));
-                _mm512_storeu_si512(xo + hp * xrs + ((long)k * CI + i) * 2,
-                                    pairs(b ? b + i : 0, d ? d + i : 0));
+static void wgrad_image(const uint16_t *x, const uint16_t *dy, float *acc_out, uint16_t *buf,
+                        int Hi, int Wi, int S, int CI, int CO) {
+    const int Ho = (Hi - 1) / S + 1, Wo = (Wi - 1) / S + 1;
+    const int K = (Wo + 1) / 2; /* output pixel pairs per row (the last half zero if Wo odd) */
+    const long xrs = (long)(K + 1) * CI * 2, xsz = (long)(Hi + 2) * xrs, drs = (long)K * CO * 2;
+    const uint16_t *xt[3];
+    uint16_t *dyp = buf + (S == 1 ? 2 : 3) * xsz;
+    /* xt[kw][h'][k][i][j] = x[h' - 1][S * (2k + j) + kw - 1][i], zero outside the image. */
+    for (int kw = 0; kw < (S == 1 ? 2 : 3); kw++) {
+        uint16_t *dst = buf + kw * xsz;
+        xt[kw] = dst;
+        for (int hp = 0; hp < Hi + 2; hp++) {
+            const int h = hp - 1, ok = h >= 0 && h < Hi;
+            const uint16_t *row = x + (long)h * Wi * CI;
+            for (int k = 0; k < K + 1; k++) {
+                const int c0 = S * 2 * k + kw - 1, c1 = c0 + S;
+                const uint16_t *a = ok && c0 >= 0 && c0 < Wi ? row + (long)c0 * CI : 0;
+                const uint16_t *b = ok && c1 >= 0 && c1 < Wi ? row + (long)c1 * CI : 0;
+                for (int i = 0; i < CI; i += 16)
+                    _mm512_storeu_si512(dst + hp * xrs + ((long)k * CI + i) * 2,
+                                        pairs(a ? a + i : 0, b ? b + i : 0));
             }
         }
     }
-    for (int h = 0; h < H; h++)
+    if (S == 1) xt[2] = xt[0] + CI * 2; /* pair (2k+1, 2k+2) is tap 0's pair k + 1 */
+    /* dyp[h][k][o][j] = dy[h][2k + j][o]. */
+    for (int h = 0; h < Ho; h++)
         for (int k = 0; k < K; k++) {
-            const uint16_t *a = dy + ((long)h * W + 2 * k) * CO;
-            const uint16_t *b = 2 * k + 1 < W ? a + CO : 0;
+            const uint16_t *a = dy + ((long)h * Wo + 2 * k) * CO;
+            const uint16_t *b = 2 * k + 1 < Wo ? a + CO : 0;
             for (int o = 0; o < CO; o += 16)
                 _mm512_storeu_si512(dyp + h * drs + ((long)k * CO + o) * 2,
                                     pairs(a + o, b ? b + o : 0));
@@ -207,15 +211,15 @@ static void wgrad_image(const uint16_t *x, const uint16_t *dy, float *acc_out, u
                 for (int kw = 0; kw < 3; kw++)
 #pragma GCC unroll 8
                     for (int s = 0; s < 8; s++) acc[kw][s] = _mm512_setzero_ps();
-                for (int h = 0; h < H; h++) {
-                    const uint16_t *er = xe + (h + kh) * xrs + ib * 2;
-                    const uint16_t *or = xo + (h + kh) * xrs + ib * 2;
+                for (int h = 0; h < Ho; h++) {
+                    const long xoff = (S * h + kh) * xrs + ib * 2;
+                    const uint16_t *r0 = xt[0] + xoff, *r1 = xt[1] + xoff, *r2 = xt[2] + xoff;
                     const uint16_t *dr = dyp + h * drs + o0 * 2;
                     for (int k = 0; k < K; k++) {
                         __m512bh xa[3];
-                        xa[0] = (__m512bh)_mm512_loadu_si512(er + (long)k * CI * 2);
-                        xa[1] = (__m512bh)_mm512_loadu_si512(or + (long)k * CI * 2);
-                        xa[2] = (__m512bh)_mm512_loadu_si512(er + (long)(k + 1) * CI * 2);
+                        xa[0] = (__m512bh)_mm512_loadu_si512(r0 + (long)k * CI * 2);
+                        xa[1] = (__m512bh)_mm512_loadu_si512(r1 + (long)k * CI * 2);
+                        xa[2] = (__m512bh)_mm512_loadu_si512(r2 + (long)k * CI * 2);
 #pragma GCC unroll 8
                         for (int s = 0; s < 8; s++) {
                             __m512bh d = bcast(dr + (long)k * CO * 2 + 2 * s);
@@ -235,16 +239,18 @@ static void wgrad_image(const uint16_t *x, const uint16_t *dy, float *acc_out, u
             }
 }
 
-/* dw (CO, CI, 3, 3) fp32 = weight gradient of y = conv(x, w) given dy.  Returns 0, or 1 if
- * out of memory. */
-int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int H, int W,
-                           int CI, int CO) {
+/* dw (CO, CI, 3, 3) fp32 = weight gradient of y = conv(x, w, stride S, padding 1) given dy;
+ * x (N, Hi, Wi, CI), dy (N, (Hi-1)/S + 1, (Wi-1)/S + 1, CO).  Returns 0, or 1 if out of
+ * memory. */
+int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int Hi,
+                           int Wi, int CI, int CO, int S) {
+    if (S != 1 && S != 2) return 2;
     const int T = omp_get_max_threads();
-    const int K = (W + 1) / 2;
-    const size_t xsz = (size_t)(H + 2) * (K + 1) * CI * 2, dsz = (size_t)H * K * CO * 2;
-    const size_t per = 9 * (size_t)CO * CI;
+    const int Ho = (Hi - 1) / S + 1, Wo = (Wi - 1) / S + 1, K = (Wo + 1) / 2;
+    const size_t xsz = (size_t)(Hi + 2) * (K + 1) * CI * 2, dsz = (size_t)Ho * K * CO * 2;
+    const size_t per = 9 * (size_t)CO * CI, tbuf = 3 * xsz + dsz + 32;
     float *acc = calloc((size_t)T * per, sizeof(float));
-    uint16_t *buf = malloc((size_t)T * (2 * xsz + dsz + 32) * 2);
+    uint16_t *buf = malloc((size_t)T * tbuf * 2);
     if (!acc || !buf) {
         free(acc);
         free(buf);
@@ -253,11 +259,10 @@ int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int
 #pragma omp parallel num_threads(T)
     {
         const int t = omp_get_thread_num();
-        uint16_t *xe = buf + (size_t)t * (2 * xsz + dsz + 32), *xo = xe + xsz, *dyp = xo + xsz;
 #pragma omp for schedule(static)
         for (int n = 0; n < N; n++)
-            wgrad_image(x + (long)n * H * W * CI, dy + (long)n * H * W * CO, acc + t * per, xe, xo,
-                        dyp, H, W, CI, CO);
+            wgrad_image(x + (long)n * Hi * Wi * CI, dy + (long)n * Ho * Wo * CO, acc + t * per,
+                        buf + t * tbuf, Hi, Wi, S, CI, CO);
 #pragma omp for schedule(static)
         for (long e = 0; e < (long)per; e++) { /* e over (o, i, tap) in dw's order */
             const long tap = e % 9, i = (e / 9) % CI, o = e / 9 / CI;
@@ -277,8 +282,8 @@ int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, in
                        int CI, int CO, int transpose) {
     return 2;
 }
-int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int H, int W,
-                           int CI, int CO) {
+int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int Hi,
+                           int Wi, int CI, int CO, int S) {
     return 2;
 }
 #endif

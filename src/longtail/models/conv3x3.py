@@ -1,10 +1,11 @@
-"""3x3 stride-1 convolutions for bf16 CPU training, from a C kernel built on first use.
+"""3x3 convolutions for bf16 CPU training, from a C kernel built on first use.
 
 oneDNN's bf16 convolutions reach about 40% of a CPU's bf16 matmul peak on ResNet-32's
 16-channel layers and on every weight gradient (docs/RESULTS.md, step anatomy). ``conv3x3.c``
 computes the forward, input-gradient and weight-gradient passes of a 3x3, stride-1, padding-1
-convolution with AVX512-BF16 dot products (``vdpbf16ps``), reusing every loaded value for
-several products; on this project's machine each pass is 1.2-2x faster than oneDNN's.
+convolution, and the weight gradient of a stride-2 one, with AVX512-BF16 dot products
+(``vdpbf16ps``), reusing every loaded value for several products; on this project's machine
+each pass is 1.2-2x faster than oneDNN's.
 :func:`conv3x3` takes this path for channels-last bf16 inputs under CPU bf16 autocast, channel
 counts that are multiples of 16, and a CPU with AVX512-BF16 (the C compiler is called on first use,
 ``models/kernels.py``); anything else, ``torch.compile`` included, runs ``conv`` itself. Products
@@ -18,6 +19,7 @@ import ctypes
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from longtail.models import kernels
@@ -26,7 +28,7 @@ _P, _I32 = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES: kernels.Signatures = {
     "lt_conv3x3_available": (_I32, []),
     "lt_conv3x3_forward": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32]),
-    "lt_conv3x3_weight_grad": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32]),
+    "lt_conv3x3_weight_grad": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32]),
 }
 _CL = torch.channels_last
 
@@ -55,34 +57,47 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose
 
 
 class _Conv3x3(torch.autograd.Function):
+    """Stride 1: all three passes in the kernel. Stride 2: the weight gradient in the kernel,
+    forward and input gradient in oneDNN (which does well enough there)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
         weight = weight.detach().contiguous()
         ctx.save_for_backward(x, weight)
-        return _forward(x, weight, weight.shape[0], 0)
+        ctx.stride = stride
+        if stride == 1:
+            return _forward(x, weight, weight.shape[0], 0)
+        return F.conv2d(x, weight.to(torch.bfloat16), stride=stride, padding=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dy = dy.to(torch.bfloat16).contiguous(memory_format=_CL)
-        dx = _forward(dy, weight, weight.shape[1], 1) if ctx.needs_input_grad[0] else None
-        dw = None
+        dx = dw = None
+        if ctx.needs_input_grad[0] and ctx.stride == 1:
+            dx = _forward(dy, weight, weight.shape[1], 1)
+        elif ctx.needs_input_grad[0]:
+            s = [ctx.stride] * 2
+            dx = torch.ops.aten.convolution_backward(
+                dy, x, weight.to(torch.bfloat16), None, s, [1, 1], [1, 1], False, [0, 0], 1,
+                [True, False, False],
+            )[0]  # fmt: skip
         if ctx.needs_input_grad[1]:
             n, c, h, w = x.shape
             dw = torch.empty_like(weight)
             status = load_kernel().lt_conv3x3_weight_grad(
-                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0]
+                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0], ctx.stride
             )
             _check(status, "weight-gradient")
-        return dx, dw
+        return dx, dw, None
 
 
 def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (
         type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
         and conv.groups == 1
@@ -106,12 +121,12 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 def conv3x3(conv: nn.Conv2d, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
     """``conv(x)``, through the 3x3 bf16 CPU kernel when it applies.
 
-    ``x``: ``(N, C_in, H, W)``; returns ``(N, C_out, H, W)``. The kernel path needs a plain
-    ``nn.Conv2d`` (3x3, stride 1, padding 1, no bias, fp32 weight), ``C_in`` and ``C_out``
+    ``x``: ``(N, C_in, H, W)``; returns ``(N, C_out, H', W')``. The kernel path needs a plain
+    ``nn.Conv2d`` (3x3, stride 1 or 2, padding 1, no bias, fp32 weight), ``C_in`` and ``C_out``
     multiples of 16, ``x`` channels-last bf16 on CPU under ``torch.autocast("cpu",
     dtype=torch.bfloat16)``; its gradient for ``conv.weight`` is fp32. Otherwise, or with
     ``fast=False``, this is ``conv(x)``.
     """
     if fast and _applies(conv, x):
-        return _Conv3x3.apply(x, conv.weight)
+        return _Conv3x3.apply(x, conv.weight, conv.stride[0])
     return conv(x)
