@@ -156,3 +156,21 @@ def test_resnet32_training_step_same_as_onednn(lib):
             err_fast = float((p.grad.double() - r.grad).norm() / r.grad.norm())
             err_onednn = float((q.grad.double() - r.grad).norm() / r.grad.norm())
             assert err_fast <= err_onednn + 0.02, name
+
+
+def test_channels_last_weight_gives_the_same_results(lib):
+    """``model.to(memory_format=channels_last)`` makes conv weights channels-last: the kernel
+    reads them in place and returns their gradient with the same strides."""
+    x, dy, weight = bf16_data(2, 32, 16, 6, 7)
+    y, dx, dw = through_kernel(x, weight, dy)
+    conv = nn.Conv2d(32, 16, 3, 1, 1, bias=False).to(memory_format=CL)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_cl = conv_fn(conv, x)
+    y_cl.backward(dy)
+    assert conv.weight.grad.stride() == conv.weight.stride() != weight.stride()
+    torch.testing.assert_close(y_cl, y, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, dx, rtol=0, atol=0)
+    torch.testing.assert_close(conv.weight.grad, dw, rtol=0, atol=0)

@@ -6,8 +6,8 @@
  * machine's bf16 peak on ResNet-32's 16-channel layers and on every weight gradient; these reach
  * 70-90% by reusing each loaded value for several products (see the two kernels below).
  *
- * Layouts: x (N, H, W, CI) and y (N, H, W, CO) bf16, rows of channels; w (CO, CI, 3, 3) fp32 as
- * PyTorch stores it; dw (CO, CI, 3, 3) fp32.  Products are exact (bf16 x bf16 fits fp32), sums
+ * Layouts: x (N, H, W, CI) and y (N, H, W, CO) bf16, rows of channels; w and dw (CO, CI, 3, 3)
+ * fp32 with the strides PyTorch gives them (contiguous or channels-last).  Products are exact (bf16 x bf16 fits fp32), sums
  * fp32.  Requirements (checked by the caller): CI % 16 == 0 and CO % 16 == 0.
  *
  *   lt_conv3x3_forward(x, w, y, ..., transpose = 0):  y = conv(x, w)
@@ -110,9 +110,11 @@ static const fwd_fn FWD2[5][4] = {{0, 0, 0, 0}, EDGES(8, 2), EDGES(4, 2), EDGES(
 
 /* x (N, H, W, CI) bf16 -> y (N, H, W, CO) bf16.  w (CO, CI, 3, 3) fp32, or with transpose = 1
  * w (CI, CO, 3, 3) used as its flipped transpose (the input gradient of a convolution whose
- * weight is w).  Returns 0, or 1 if the workspace could not be allocated. */
+ * weight is w); w's element [a][b][kh][kw] is at a * sa + b * sb + (3 * kh + kw) * st (PyTorch's
+ * contiguous or channels-last weights).  Returns 0, or 1 if the workspace could not be
+ * allocated. */
 int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, int H, int W,
-                       int CI, int CO, int transpose) {
+                       int CI, int CO, int transpose, long sa, long sb, long st) {
     const long rs = (long)W * CI, wob = 9L * CI * 16;
     uint16_t *wp = aligned_alloc(64, ((size_t)CO * CI * 9 * 2 + 63) / 64 * 64);
     if (!wp) return 1;
@@ -124,8 +126,8 @@ int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, in
         for (int o = 0; o < CO; o++)
             for (int i = 0; i < CI; i++)
                 for (int t = 0; t < 9; t++) {
-                    const float v = transpose ? w[((long)i * CO + o) * 9 + 8 - t]
-                                              : w[((long)o * CI + i) * 9 + t];
+                    const float v = transpose ? w[i * sa + o * sb + (8 - t) * st]
+                                              : w[o * sa + i * sb + t * st];
                     wp[(((long)(o / 16) * 9 + t) * CI + (i & ~1)) * 16 + (o % 16) * 2 + (i & 1)] =
                         to_bf16(v);
                 }
@@ -240,10 +242,10 @@ static void wgrad_image(const uint16_t *x, const uint16_t *dy, float *acc_out, u
 }
 
 /* dw (CO, CI, 3, 3) fp32 = weight gradient of y = conv(x, w, stride S, padding 1) given dy;
- * x (N, Hi, Wi, CI), dy (N, (Hi-1)/S + 1, (Wi-1)/S + 1, CO).  Returns 0, or 1 if out of
- * memory. */
+ * x (N, Hi, Wi, CI), dy (N, (Hi-1)/S + 1, (Wi-1)/S + 1, CO); dw[o][i][kh][kw] is written at
+ * o * so + i * si + (3 * kh + kw) * st.  Returns 0, or 1 if out of memory. */
 int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int Hi,
-                           int Wi, int CI, int CO, int S) {
+                           int Wi, int CI, int CO, int S, long so, long si, long st) {
     if (S != 1 && S != 2) return 2;
     const int T = omp_get_max_threads();
     const int Ho = (Hi - 1) / S + 1, Wo = (Wi - 1) / S + 1, K = (Wo + 1) / 2;
@@ -264,11 +266,11 @@ int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int
             wgrad_image(x + (long)n * Hi * Wi * CI, dy + (long)n * Ho * Wo * CO, acc + t * per,
                         buf + t * tbuf, Hi, Wi, S, CI, CO);
 #pragma omp for schedule(static)
-        for (long e = 0; e < (long)per; e++) { /* e over (o, i, tap) in dw's order */
-            const long tap = e % 9, i = (e / 9) % CI, o = e / 9 / CI;
+        for (long e = 0; e < (long)per; e++) { /* e over (tap, o, i), the buffers' order */
             float s = 0;
-            for (int u = 0; u < T; u++) s += acc[u * per + (tap * CO + o) * CI + i];
-            dw[e] = s;
+            for (int u = 0; u < T; u++) s += acc[u * per + e];
+            const long i = e % CI, o = (e / CI) % CO, tap = e / CI / CO;
+            dw[o * so + i * si + tap * st] = s;
         }
     }
     free(acc);
@@ -279,11 +281,11 @@ int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int
 #else /* no AVX512-BF16: conv3x3.py uses PyTorch's convolution */
 int lt_conv3x3_available(void) { return 0; }
 int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, int H, int W,
-                       int CI, int CO, int transpose) {
+                       int CI, int CO, int transpose, long sa, long sb, long st) {
     return 2;
 }
 int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int Hi,
-                           int Wi, int CI, int CO, int S) {
+                           int Wi, int CI, int CO, int S, long so, long si, long st) {
     return 2;
 }
 #endif

@@ -24,11 +24,11 @@ from torch.autograd.function import once_differentiable
 
 from longtail.models import kernels
 
-_P, _I32 = ctypes.c_void_p, ctypes.c_int
+_P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 _SIGNATURES: kernels.Signatures = {
     "lt_conv3x3_available": (_I32, []),
-    "lt_conv3x3_forward": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32]),
-    "lt_conv3x3_weight_grad": (_I32, [_P, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32]),
+    "lt_conv3x3_forward": (_I32, [_P, _P, _P] + [_I32] * 6 + [_I64] * 3),
+    "lt_conv3x3_weight_grad": (_I32, [_P, _P, _P] + [_I32] * 6 + [_I64] * 3),
 }
 _CL = torch.channels_last
 
@@ -46,12 +46,18 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"3x3 convolution kernel: {what} failed with status {status}")
 
 
+def _strides(weight: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of a (C_out, C_in, 3, 3) weight's two channel dims and its 9 taps (elements)."""
+    return weight.stride(0), weight.stride(1), weight.stride(3)
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose: int):
     n, c, h, w = x.shape
     y = torch.empty((n, out_channels, h, w), dtype=torch.bfloat16, memory_format=_CL)
     status = load_kernel().lt_conv3x3_forward(
-        x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, h, w, c, out_channels, transpose
-    )
+        x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, h, w, c, out_channels, transpose,
+        *_strides(weight),
+    )  # fmt: skip
     _check(status, "forward" if not transpose else "input-gradient")
     return y
 
@@ -62,7 +68,7 @@ class _Conv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-        weight = weight.detach().contiguous()
+        weight = weight.detach()  # contiguous or channels-last: the kernel takes its strides
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
         if stride == 1:
@@ -85,10 +91,11 @@ class _Conv3x3(torch.autograd.Function):
             )[0]  # fmt: skip
         if ctx.needs_input_grad[1]:
             n, c, h, w = x.shape
-            dw = torch.empty_like(weight)
+            dw = torch.empty_like(weight)  # same strides: autograd keeps it without a copy
             status = load_kernel().lt_conv3x3_weight_grad(
-                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0], ctx.stride
-            )
+                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0], ctx.stride,
+                *_strides(dw),
+            )  # fmt: skip
             _check(status, "weight-gradient")
         return dx, dw, None
 
@@ -104,6 +111,7 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.bias is None
         and conv.padding_mode == "zeros"
         and conv.weight.dtype == torch.float32
+        and conv.weight.stride(2) == 3 * conv.weight.stride(3)  # taps evenly spaced
         and conv.in_channels % 16 == 0
         and conv.out_channels % 16 == 0
         and x.device.type == "cpu"
