@@ -51,7 +51,7 @@ def _strides(weight: torch.Tensor) -> tuple[int, int, int]:
     return weight.stride(0), weight.stride(1), weight.stride(3)
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose: int):
+def _run_forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose: int):
     n, c, h, w = x.shape
     y = torch.empty((n, out_channels, h, w), dtype=torch.bfloat16, memory_format=_CL)
     status = load_kernel().lt_conv3x3_forward(
@@ -60,6 +60,38 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose
     )  # fmt: skip
     _check(status, "forward" if not transpose else "input-gradient")
     return y
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Kernel pass: ``conv2d(x, weight, padding=1)``, stride 1.
+
+    ``x``: ``(N, C_in, H, W)`` bf16 channels-last; ``weight``: ``(C_out, C_in, 3, 3)`` fp32
+    (rounded to bf16 as autocast does). Returns ``(N, C_out, H, W)`` bf16 channels-last.
+    """
+    return _run_forward(x, weight, weight.shape[0], 0)
+
+
+def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Kernel pass: the gradient ``(N, C_in, H, W)`` of :func:`forward`'s input, given ``dy``
+    ``(N, C_out, H, W)`` bf16 channels-last; bf16 channels-last."""
+    return _run_forward(dy, weight, weight.shape[1], 1)
+
+
+def weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride: int = 1):
+    """Kernel pass: the fp32 gradient of a 3x3, padding-1 convolution's weight.
+
+    ``x``: ``(N, C_in, H, W)``, ``dy``: ``(N, C_out, H', W')`` (``H' = (H - 1) // stride + 1``),
+    both bf16 channels-last; ``stride`` 1 or 2. Returns a tensor like ``weight``
+    ``(C_out, C_in, 3, 3)``, same strides, so autograd keeps it without a copy.
+    """
+    n, c, h, w = x.shape
+    dw = torch.empty_like(weight)
+    status = load_kernel().lt_conv3x3_weight_grad(
+        x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0], stride,
+        *_strides(dw),
+    )  # fmt: skip
+    _check(status, "weight-gradient")
+    return dw
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -72,7 +104,7 @@ class _Conv3x3(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.stride = stride
         if stride == 1:
-            return _forward(x, weight, weight.shape[0], 0)
+            return forward(x, weight)
         return F.conv2d(x, weight.to(torch.bfloat16), stride=stride, padding=1)
 
     @staticmethod
@@ -82,7 +114,7 @@ class _Conv3x3(torch.autograd.Function):
         dy = dy.to(torch.bfloat16).contiguous(memory_format=_CL)
         dx = dw = None
         if ctx.needs_input_grad[0] and ctx.stride == 1:
-            dx = _forward(dy, weight, weight.shape[1], 1)
+            dx = input_grad(dy, weight)
         elif ctx.needs_input_grad[0]:
             s = [ctx.stride] * 2
             dx = torch.ops.aten.convolution_backward(
@@ -90,13 +122,7 @@ class _Conv3x3(torch.autograd.Function):
                 [True, False, False],
             )[0]  # fmt: skip
         if ctx.needs_input_grad[1]:
-            n, c, h, w = x.shape
-            dw = torch.empty_like(weight)  # same strides: autograd keeps it without a copy
-            status = load_kernel().lt_conv3x3_weight_grad(
-                x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, h, w, c, weight.shape[0], ctx.stride,
-                *_strides(dw),
-            )  # fmt: skip
-            _check(status, "weight-gradient")
+            dw = weight_grad(x, dy, weight, ctx.stride)
         return dx, dw, None
 
 
