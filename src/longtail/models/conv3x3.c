@@ -1,18 +1,20 @@
-/* 3x3, stride 1, padding 1 convolution of channels-last bfloat16 tensors, for CPUs with
- * AVX512-BF16 (vdpbf16ps: 16 fp32 lanes += products of bf16 pairs).
+/* 3x3, padding 1 convolutions of channels-last bfloat16 tensors, for CPUs with AVX512-BF16
+ * (vdpbf16ps: 16 fp32 lanes += products of bf16 pairs): forward and input gradient at stride 1,
+ * weight gradient at stride 1 or 2.
  *
  * Compiled on first use by longtail/models/kernels.py (cc -O3 -march=native -fopenmp) and called
  * through ctypes from longtail/models/conv3x3.py.  oneDNN's kernels reach about 40% of this
- * machine's bf16 peak on ResNet-32's 16-channel layers and on every weight gradient; these reach
- * 70-90% by reusing each loaded value for several products (see the two kernels below).
+ * machine's bf16 matmul peak on ResNet-32's 16-channel layers and on every weight gradient;
+ * these reach 70-100% by reusing each loaded value for several products (see the two kernels).
  *
  * Layouts: x (N, H, W, CI) and y (N, H, W, CO) bf16, rows of channels; w and dw (CO, CI, 3, 3)
- * fp32 with the strides PyTorch gives them (contiguous or channels-last).  Products are exact (bf16 x bf16 fits fp32), sums
- * fp32.  Requirements (checked by the caller): CI % 16 == 0 and CO % 16 == 0.
+ * fp32 with the strides PyTorch gives them (contiguous or channels-last).  Products are exact
+ * (bf16 x bf16 fits fp32), sums fp32.  Requirements (checked by the caller): CI % 16 == 0 and
+ * CO % 16 == 0.
  *
  *   lt_conv3x3_forward(x, w, y, ..., transpose = 0):  y = conv(x, w)
  *   lt_conv3x3_forward(dy, w, dx, ..., transpose = 1): dx = conv(dy, flip(w)^T), the input grad
- *   lt_conv3x3_weight_grad(x, dy, dw, ...):            dw[o,i,kh,kw] = sum dy[p,o] x[p+t,i]
+ *   lt_conv3x3_weight_grad(x, dy, dw, ..., S):         dw[o,i,kh,kw] = sum dy[p,o] x[S p+t,i]
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,15 +45,15 @@ INLINE __m512bh bcast(const uint16_t *p) { /* one bf16 pair in all 16 lanes */
  * accumulators.  For each kernel row kh and input-channel pair, the 3 x OB weight vectors stay in
  * registers and each broadcast input pair feeds the three horizontal taps it touches, so a
  * broadcast serves 3*OB products instead of OB.  No padded copy: kernel rows outside the image
- * are skipped (kh0..kh1), and the column left of the block (L = 1: the image's left edge) or
- * right of it (R = 1) is skipped when it lies outside.
+ * are skipped (kh0..kh1), and so is the input column left of the block when the block starts
+ * the row (L = 1) and the one right of it when it ends the row (R = 1).
  *   x: input at the block's first output pixel, rs: row stride (elements);
  *   wp: packed weights [CO/16][3][3][CI/2][16][2] (output channel in the lane, input pair
  *   innermost) at the block's first channel block, wob elements between channel blocks.
  */
-#define DEFINE_FORWARD(PB, OB, L, R)                                                            \
-    static void fwd_##PB##_##OB##_##L##R(const uint16_t *x, long rs, int kh0, int kh1, int CI, \
-                                         const uint16_t *wp, long wob, uint16_t *y, int CO) {  \
+#define DEFINE_FORWARD(PB, OB)                                                                  \
+    static void fwd_##PB##_##OB(const uint16_t *x, long rs, int kh0, int kh1, int L, int R,    \
+                                int CI, const uint16_t *wp, long wob, uint16_t *y, int CO) {   \
         __m512 acc[PB][OB];                                                                     \
         _Pragma("GCC unroll 16") for (int p = 0; p < PB; p++)                                   \
             _Pragma("GCC unroll 2") for (int b = 0; b < OB; b++) acc[p][b] =                    \
@@ -64,7 +66,8 @@ INLINE __m512bh bcast(const uint16_t *p) { /* one bf16 pair in all 16 lanes */
                     _Pragma("GCC unroll 2") for (int b = 0; b < OB; b++) wv[kw][b] =            \
                         (__m512bh)_mm512_loadu_si512(                                           \
                             wp + b * wob + ((long)(kh * 3 + kw) * CI + 2 * ip) * 16);           \
-                _Pragma("GCC unroll 18") for (int q = L; q < PB + 2 - R; q++) {                 \
+                _Pragma("GCC unroll 18") for (int q = 0; q < PB + 2; q++) {                     \
+                    if ((q == 0 && L) || (q == PB + 1 && R)) continue; /* outside the image */  \
                     __m512bh xv = bcast(xr + (long)(q - 1) * CI + 2 * ip);                      \
                     _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; kw++) {                    \
                         int p = q - kw;                                                         \
@@ -80,33 +83,23 @@ INLINE __m512bh bcast(const uint16_t *p) { /* one bf16 pair in all 16 lanes */
                 _mm256_storeu_si256((__m256i *)(y + (long)p * CO + b * 16),                     \
                                     (__m256i)_mm512_cvtneps_pbh(acc[p][b]));                    \
     }
-#define DEFINE_EDGES(PB, OB)                                                                    \
-    DEFINE_FORWARD(PB, OB, 0, 0)                                                                \
-    DEFINE_FORWARD(PB, OB, 0, 1)                                                                \
-    DEFINE_FORWARD(PB, OB, 1, 0)                                                                \
-    DEFINE_FORWARD(PB, OB, 1, 1)
-#define EDGES(PB, OB) {fwd_##PB##_##OB##_00, fwd_##PB##_##OB##_01, fwd_##PB##_##OB##_10,        \
-                       fwd_##PB##_##OB##_11}
 
-DEFINE_EDGES(16, 1)
-DEFINE_EDGES(8, 1)
-DEFINE_EDGES(4, 1)
-DEFINE_EDGES(2, 1)
-DEFINE_EDGES(1, 1)
-DEFINE_EDGES(8, 2)
-DEFINE_EDGES(4, 2)
-DEFINE_EDGES(2, 2)
-DEFINE_EDGES(1, 2)
+/* Every block width up to 16 pixels (one channel block) or 8 (two): a row is cut into equal
+ * blocks (28 = 14 + 14, 7 = 7), as wide as the registers allow. */
+DEFINE_FORWARD(1, 1) DEFINE_FORWARD(2, 1) DEFINE_FORWARD(3, 1) DEFINE_FORWARD(4, 1)
+DEFINE_FORWARD(5, 1) DEFINE_FORWARD(6, 1) DEFINE_FORWARD(7, 1) DEFINE_FORWARD(8, 1)
+DEFINE_FORWARD(9, 1) DEFINE_FORWARD(10, 1) DEFINE_FORWARD(11, 1) DEFINE_FORWARD(12, 1)
+DEFINE_FORWARD(13, 1) DEFINE_FORWARD(14, 1) DEFINE_FORWARD(15, 1) DEFINE_FORWARD(16, 1)
+DEFINE_FORWARD(1, 2) DEFINE_FORWARD(2, 2) DEFINE_FORWARD(3, 2) DEFINE_FORWARD(4, 2)
+DEFINE_FORWARD(5, 2) DEFINE_FORWARD(6, 2) DEFINE_FORWARD(7, 2) DEFINE_FORWARD(8, 2)
 
-typedef void (*fwd_fn)(const uint16_t *, long, int, int, int, const uint16_t *, long, uint16_t *,
-                       int);
-
-/* Blocks for one row: pixel counts largest first, with the matching kernels [L * 2 + R]. */
-static const int PIXELS[5] = {16, 8, 4, 2, 1};
-static const fwd_fn FWD1[5][4] = {EDGES(16, 1), EDGES(8, 1), EDGES(4, 1), EDGES(2, 1),
-                                  EDGES(1, 1)};
-static const fwd_fn FWD2[5][4] = {{0, 0, 0, 0}, EDGES(8, 2), EDGES(4, 2), EDGES(2, 2),
-                                  EDGES(1, 2)};
+typedef void (*fwd_fn)(const uint16_t *, long, int, int, int, int, int, const uint16_t *, long,
+                       uint16_t *, int);
+static const fwd_fn FWD1[17] = {0, fwd_1_1, fwd_2_1, fwd_3_1, fwd_4_1, fwd_5_1, fwd_6_1,
+                                fwd_7_1, fwd_8_1, fwd_9_1, fwd_10_1, fwd_11_1, fwd_12_1,
+                                fwd_13_1, fwd_14_1, fwd_15_1, fwd_16_1};
+static const fwd_fn FWD2[9] = {0, fwd_1_2, fwd_2_2, fwd_3_2, fwd_4_2,
+                               fwd_5_2, fwd_6_2, fwd_7_2, fwd_8_2};
 
 /* x (N, H, W, CI) bf16 -> y (N, H, W, CO) bf16.  w (CO, CI, 3, 3) fp32, or with transpose = 1
  * w (CI, CO, 3, 3) used as its flipped transpose (the input gradient of a convolution whose
@@ -118,7 +111,8 @@ int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, in
     const long rs = (long)W * CI, wob = 9L * CI * 16;
     uint16_t *wp = aligned_alloc(64, ((size_t)CO * CI * 9 * 2 + 63) / 64 * 64);
     if (!wp) return 1;
-    const int ob2 = CO % 32 == 0 ? 2 : 1;
+    const int ob2 = CO % 32 == 0 ? 2 : 1, widest = ob2 == 2 ? 8 : 16;
+    const int blocks = (W + widest - 1) / widest, narrow = W / blocks, wider = W % blocks;
 #pragma omp parallel
     {
         /* Pack weights: wp[o/16][kh][kw][i/2][o%16][i%2] = W[o][i][kh][kw] (bf16). */
@@ -136,15 +130,14 @@ int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, in
             const int h = r % H, kh0 = h == 0, kh1 = h == H - 1 ? 2 : 3;
             const uint16_t *xrow = x + r * rs;
             uint16_t *yrow = y + r * (long)W * CO;
-            int w0 = 0;
-            for (int k = ob2 == 2 ? 1 : 0; k < 5; k++)
-                for (; w0 + PIXELS[k] <= W; w0 += PIXELS[k]) {
-                    const int edge = (w0 == 0) * 2 + (w0 + PIXELS[k] == W);
-                    for (int ob = 0; ob < CO / 16; ob += ob2)
-                        (ob2 == 2 ? FWD2 : FWD1)[k][edge](xrow + (long)w0 * CI, rs, kh0, kh1, CI,
-                                                          wp + ob * wob, wob,
-                                                          yrow + (long)w0 * CO + ob * 16, CO);
-                }
+            for (int k = 0, w0 = 0; k < blocks; k++) {
+                const int pb = narrow + (k < wider);
+                for (int ob = 0; ob < CO / 16; ob += ob2)
+                    (ob2 == 2 ? FWD2 : FWD1)[pb](xrow + (long)w0 * CI, rs, kh0, kh1, w0 == 0,
+                                                 w0 + pb == W, CI, wp + ob * wob, wob,
+                                                 yrow + (long)w0 * CO + ob * 16, CO);
+                w0 += pb;
+            }
         }
     }
     free(wp);
@@ -162,7 +155,7 @@ INLINE __m512i pairs(const uint16_t *a, const uint16_t *b) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Weight gradient: dw[o][i][kh][kw] = sum over output pixels p of dy[p][o] * x[S*p + (kh, kw) - 1][i]
+ * Weight gradient: dw[o][i][kh][kw] = sum over output pixels p of dy[p][o] x[S p + (kh,kw) - 1][i]
  * (stride S = 1 or 2).  vdpbf16ps sums over pairs, so the reduction runs over pairs of adjacent
  * output pixels (2k, 2k+1) of one row: xt[kw] holds each zero-padded input row with the two
  * input pixels those outputs read at tap kw interleaved per channel, and dyp holds dy's pixel
