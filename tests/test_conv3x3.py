@@ -174,3 +174,42 @@ def test_channels_last_weight_gives_the_same_results(lib):
     torch.testing.assert_close(y_cl, y, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, dx, rtol=0, atol=0)
     torch.testing.assert_close(conv.weight.grad, dw, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use", ["both", "conv only", "identity only"])
+def test_fork_sums_both_branch_gradients_in_the_kernel(lib, use):
+    """``conv3x3_fork``: ``(conv(x), x)``; x's gradient is the conv branch's plus the identity
+    branch's, summed inside the input-gradient kernel (one bf16 rounding)."""
+    x, dy, weight = bf16_data(3, 32, 32, 9, 10, seed=5)
+    dres = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+    conv = nn.Conv2d(32, 32, 3, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    xg = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, r = conv3x3.conv3x3_fork(conv, xg)
+    assert "Fork" in type(y.grad_fn).__name__ and r.data_ptr() == xg.data_ptr()
+    torch.testing.assert_close(r, x, rtol=0, atol=0)
+    outputs = {"both": [y, r], "conv only": [y], "identity only": [r]}[use]
+    grads = {"both": [dy, dres], "conv only": [dy], "identity only": [dres]}[use]
+    torch.autograd.backward(outputs, grads)
+    w64 = weight.bfloat16().double()
+    expected = torch.zeros(x.shape, dtype=torch.float64)
+    if use != "identity only":
+        expected += torch.nn.grad.conv2d_input(x.shape, w64, dy.double(), padding=1)
+        dw64 = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), padding=1)
+        assert (conv.weight.grad.double() - dw64).abs().max() <= 1e-5 * dw64.abs().max()
+    else:
+        assert conv.weight.grad is None
+    if use != "conv only":
+        expected += dres.double()
+    err = (xg.grad.double() - expected).abs()
+    assert (err <= 2**-8 * expected.abs() + 1e-5 * expected.abs().max()).all()
+
+
+def test_fork_outside_the_kernel_returns_x_itself():
+    conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
+    x = torch.randn(2, 16, 5, 5)  # fp32, no autocast: PyTorch's convolution
+    y, r = conv3x3.conv3x3_fork(conv, x)
+    assert r is x
+    torch.testing.assert_close(y, conv(x), rtol=0, atol=0)

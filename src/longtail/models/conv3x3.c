@@ -12,8 +12,9 @@
  * (bf16 x bf16 fits fp32), sums fp32.  Requirements (checked by the caller): CI % 16 == 0 and
  * CO % 16 == 0.
  *
- *   lt_conv3x3_forward(x, w, y, ..., transpose = 0):  y = conv(x, w)
- *   lt_conv3x3_forward(dy, w, dx, ..., transpose = 1): dx = conv(dy, flip(w)^T), the input grad
+ *   lt_conv3x3_forward(x, w, y, 0, ..., transpose = 0):   y = conv(x, w)
+ *   lt_conv3x3_forward(dy, w, dx, g, ..., transpose = 1): dx = conv(dy, flip(w)^T) + g, the input
+ *                                                         gradient (+ another branch's, g)
  *   lt_conv3x3_weight_grad(x, dy, dw, ..., S):         dw[o,i,kh,kw] = sum dy[p,o] x[S p+t,i]
  */
 #include <stdint.h>
@@ -53,11 +54,14 @@ INLINE __m512bh bcast(const uint16_t *p) { /* one bf16 pair in all 16 lanes */
  */
 #define DEFINE_FORWARD(PB, OB)                                                                  \
     static void fwd_##PB##_##OB(const uint16_t *x, long rs, int kh0, int kh1, int L, int R,    \
-                                int CI, const uint16_t *wp, long wob, uint16_t *y, int CO) {   \
+                                int CI, const uint16_t *wp, long wob, uint16_t *y,             \
+                                const uint16_t *a, int CO) {                                   \
         __m512 acc[PB][OB];                                                                     \
         _Pragma("GCC unroll 16") for (int p = 0; p < PB; p++)                                   \
             _Pragma("GCC unroll 2") for (int b = 0; b < OB; b++) acc[p][b] =                    \
-                _mm512_setzero_ps();                                                            \
+                a ? _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(                              \
+                        (const __m256i *)(a + (long)p * CO + b * 16)))                          \
+                  : _mm512_setzero_ps();                                                        \
         for (int kh = kh0; kh < kh1; kh++) {                                                    \
             const uint16_t *xr = x + (kh - 1) * rs;                                             \
             for (int ip = 0; ip < CI / 2; ip++) {                                               \
@@ -94,20 +98,21 @@ DEFINE_FORWARD(1, 2) DEFINE_FORWARD(2, 2) DEFINE_FORWARD(3, 2) DEFINE_FORWARD(4,
 DEFINE_FORWARD(5, 2) DEFINE_FORWARD(6, 2) DEFINE_FORWARD(7, 2) DEFINE_FORWARD(8, 2)
 
 typedef void (*fwd_fn)(const uint16_t *, long, int, int, int, int, int, const uint16_t *, long,
-                       uint16_t *, int);
+                       uint16_t *, const uint16_t *, int);
 static const fwd_fn FWD1[17] = {0, fwd_1_1, fwd_2_1, fwd_3_1, fwd_4_1, fwd_5_1, fwd_6_1,
                                 fwd_7_1, fwd_8_1, fwd_9_1, fwd_10_1, fwd_11_1, fwd_12_1,
                                 fwd_13_1, fwd_14_1, fwd_15_1, fwd_16_1};
 static const fwd_fn FWD2[9] = {0, fwd_1_2, fwd_2_2, fwd_3_2, fwd_4_2,
                                fwd_5_2, fwd_6_2, fwd_7_2, fwd_8_2};
 
-/* x (N, H, W, CI) bf16 -> y (N, H, W, CO) bf16.  w (CO, CI, 3, 3) fp32, or with transpose = 1
- * w (CI, CO, 3, 3) used as its flipped transpose (the input gradient of a convolution whose
- * weight is w); w's element [a][b][kh][kw] is at a * sa + b * sb + (3 * kh + kw) * st (PyTorch's
- * contiguous or channels-last weights).  Returns 0, or 1 if the workspace could not be
- * allocated. */
-int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, int H, int W,
-                       int CI, int CO, int transpose, long sa, long sb, long st) {
+/* x (N, H, W, CI) bf16 -> y (N, H, W, CO) bf16, plus add (same shape as y; NULL: nothing) before
+ * the one rounding to bf16.  w (CO, CI, 3, 3) fp32, or with transpose = 1 w (CI, CO, 3, 3) used
+ * as its flipped transpose (the input gradient of a convolution whose weight is w); w's element
+ * [a][b][kh][kw] is at a * sa + b * sb + (3 * kh + kw) * st (PyTorch's contiguous or
+ * channels-last weights).  Returns 0, or 1 if the workspace could not be allocated. */
+int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, const uint16_t *add,
+                       int N, int H, int W, int CI, int CO, int transpose, long sa, long sb,
+                       long st) {
     const long rs = (long)W * CI, wob = 9L * CI * 16;
     uint16_t *wp = aligned_alloc(64, ((size_t)CO * CI * 9 * 2 + 63) / 64 * 64);
     if (!wp) return 1;
@@ -129,13 +134,15 @@ int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, in
         for (long r = 0; r < (long)N * H; r++) {
             const int h = r % H, kh0 = h == 0, kh1 = h == H - 1 ? 2 : 3;
             const uint16_t *xrow = x + r * rs;
-            uint16_t *yrow = y + r * (long)W * CO;
+            const long yoff = r * (long)W * CO;
             for (int k = 0, w0 = 0; k < blocks; k++) {
                 const int pb = narrow + (k < wider);
-                for (int ob = 0; ob < CO / 16; ob += ob2)
+                for (int ob = 0; ob < CO / 16; ob += ob2) {
+                    const long o = yoff + (long)w0 * CO + ob * 16;
                     (ob2 == 2 ? FWD2 : FWD1)[pb](xrow + (long)w0 * CI, rs, kh0, kh1, w0 == 0,
-                                                 w0 + pb == W, CI, wp + ob * wob, wob,
-                                                 yrow + (long)w0 * CO + ob * 16, CO);
+                                                 w0 + pb == W, CI, wp + ob * wob, wob, y + o,
+                                                 add ? add + o : 0, CO);
+                }
                 w0 += pb;
             }
         }
@@ -273,8 +280,9 @@ int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int
 
 #else /* no AVX512-BF16: conv3x3.py uses PyTorch's convolution */
 int lt_conv3x3_available(void) { return 0; }
-int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, int N, int H, int W,
-                       int CI, int CO, int transpose, long sa, long sb, long st) {
+int lt_conv3x3_forward(const uint16_t *x, const float *w, uint16_t *y, const uint16_t *add,
+                       int N, int H, int W, int CI, int CO, int transpose, long sa, long sb,
+                       long st) {
     return 2;
 }
 int lt_conv3x3_weight_grad(const uint16_t *x, const uint16_t *dy, float *dw, int N, int Hi,

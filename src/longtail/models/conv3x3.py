@@ -5,13 +5,12 @@ oneDNN's bf16 convolutions reach about 40% of a CPU's bf16 matmul peak on ResNet
 computes the forward, input-gradient and weight-gradient passes of a 3x3, stride-1, padding-1
 convolution, and the weight gradient of a stride-2 one, with AVX512-BF16 dot products
 (``vdpbf16ps``), reusing every loaded value for several products; on this project's machine
-each pass is 1.2-2x faster than oneDNN's.
-:func:`conv3x3` takes this path for channels-last bf16 inputs under CPU bf16 autocast, channel
-counts that are multiples of 16, and a CPU with AVX512-BF16 (the C compiler is called on first use,
-``models/kernels.py``); anything else, ``torch.compile`` included, runs ``conv`` itself. Products
-are exact and sums fp32, as in oneDNN; the weight gradient is returned in fp32 without the
-intermediate bf16 rounding that autocast's path applies.
-"""
+each pass takes 0.5-0.9 of oneDNN's time. :func:`conv3x3` takes this path for channels-last bf16
+inputs under CPU bf16 autocast, channel counts that are multiples of 16, and a CPU with
+AVX512-BF16 (the C compiler is called on first use, ``models/kernels.py``); anything else,
+``torch.compile`` included, runs ``conv`` itself. Products are exact and sums fp32, as in oneDNN;
+the weight gradient is returned in fp32 without the intermediate bf16 rounding that autocast's
+path applies."""
 
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from longtail.models import kernels
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 _SIGNATURES: kernels.Signatures = {
     "lt_conv3x3_available": (_I32, []),
-    "lt_conv3x3_forward": (_I32, [_P, _P, _P] + [_I32] * 6 + [_I64] * 3),
+    "lt_conv3x3_forward": (_I32, [_P, _P, _P, _P] + [_I32] * 6 + [_I64] * 3),
     "lt_conv3x3_weight_grad": (_I32, [_P, _P, _P] + [_I32] * 6 + [_I64] * 3),
 }
 _CL = torch.channels_last
@@ -51,12 +50,21 @@ def _strides(weight: torch.Tensor) -> tuple[int, int, int]:
     return weight.stride(0), weight.stride(1), weight.stride(3)
 
 
-def _run_forward(x: torch.Tensor, weight: torch.Tensor, out_channels: int, transpose: int):
+def _run_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_channels: int,
+    transpose: int,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     n, c, h, w = x.shape
     y = torch.empty((n, out_channels, h, w), dtype=torch.bfloat16, memory_format=_CL)
+    if add is not None:
+        add = add.to(torch.bfloat16).contiguous(memory_format=_CL)
+        assert add.shape == y.shape
     status = load_kernel().lt_conv3x3_forward(
-        x.data_ptr(), weight.data_ptr(), y.data_ptr(), n, h, w, c, out_channels, transpose,
-        *_strides(weight),
+        x.data_ptr(), weight.data_ptr(), y.data_ptr(), None if add is None else add.data_ptr(),
+        n, h, w, c, out_channels, transpose, *_strides(weight),
     )  # fmt: skip
     _check(status, "forward" if not transpose else "input-gradient")
     return y
@@ -71,13 +79,18 @@ def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _run_forward(x, weight, weight.shape[0], 0)
 
 
-def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def input_grad(
+    dy: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | None = None
+) -> torch.Tensor:
     """Kernel pass: the gradient ``(N, C_in, H, W)`` of :func:`forward`'s input, given ``dy``
-    ``(N, C_out, H, W)`` bf16 channels-last; bf16 channels-last."""
-    return _run_forward(dy, weight, weight.shape[1], 1)
+    ``(N, C_out, H, W)`` bf16 channels-last; bf16 channels-last. ``add`` (shaped like the
+    result): another branch's gradient for the same input, summed in before the one rounding."""
+    return _run_forward(dy, weight, weight.shape[1], 1, add)
 
 
-def weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride: int = 1):
+def weight_grad(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, stride: int = 1
+) -> torch.Tensor:
     """Kernel pass: the fp32 gradient of a 3x3, padding-1 convolution's weight.
 
     ``x``: ``(N, C_in, H, W)``, ``dy``: ``(N, C_out, H', W')`` (``H' = (H - 1) // stride + 1``),
@@ -126,6 +139,29 @@ class _Conv3x3(torch.autograd.Function):
         return dx, dw, None
 
 
+class _Conv3x3Fork(torch.autograd.Function):
+    """Stride 1: ``(conv(x), x)``; the gradient of the second output is added to the first's
+    input gradient inside the kernel instead of by a separate autograd add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor):
+        weight = weight.detach()
+        ctx.save_for_backward(x, weight)
+        ctx.set_materialize_grads(False)
+        return forward(x, weight), x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor | None, dres: torch.Tensor | None):
+        x, weight = ctx.saved_tensors
+        if dy is None:  # only the identity branch reached the loss
+            return dres, None
+        dy = dy.to(torch.bfloat16).contiguous(memory_format=_CL)
+        dx = input_grad(dy, weight, dres) if ctx.needs_input_grad[0] else None
+        dw = weight_grad(x, dy, weight) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (
         type(conv) is nn.Conv2d
@@ -150,6 +186,21 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and load_kernel() is not None
     )
+
+
+def conv3x3_fork(
+    conv: nn.Conv2d, x: torch.Tensor, fast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv(x), x)`` for a residual block whose input also feeds the identity shortcut.
+
+    Shapes as :func:`conv3x3`. On the kernel path (stride 1) the gradient reaching the returned
+    ``x`` is summed into the convolution's input gradient in the same pass, which saves
+    autograd's separate add of the two branch gradients (one read and write of the activation).
+    Otherwise this is ``(conv3x3(conv, x, fast), x)``.
+    """
+    if fast and conv.stride == (1, 1) and _applies(conv, x):
+        return _Conv3x3Fork.apply(x, conv.weight)
+    return conv3x3(conv, x, fast), x
 
 
 def conv3x3(conv: nn.Conv2d, x: torch.Tensor, fast: bool = True) -> torch.Tensor:

@@ -4,7 +4,7 @@ BasicBlock x [5, 5, 5] with widths 16 / 32 / 64, parameter-free "option A" short
 subsampling and zero channel padding), 64-d features after global average pooling. Every
 BatchNorm is followed by a ReLU (after the residual add in a block's second half), which
 :func:`~longtail.models.fused_bn.bn_relu` computes in one fused CPU kernel when ``fused_bn`` is on;
-the 3x3 stride-1 convolutions of 16-multiple widths go through
+the blocks' 3x3 convolutions (16, 32, 64 channels) go through
 :func:`~longtail.models.conv3x3.conv3x3`'s bf16 CPU kernel when ``fast_conv`` is on.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.models.conv3x3 import conv3x3
+from longtail.models.conv3x3 import conv3x3, conv3x3_fork
 from longtail.models.fused_bn import bn_relu
 
 
@@ -74,9 +74,13 @@ class BasicBlock(nn.Module):
         if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
             out = F.relu(self.bn1(self.conv1(x)))
             return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-        out = bn_relu(self.bn1, conv3x3(self.conv1, x, self.fast_conv), fused=self.fused_bn)
+        if isinstance(self.shortcut, nn.Identity):  # x feeds conv1 and the shortcut
+            out, residual = conv3x3_fork(self.conv1, x, self.fast_conv)
+        else:
+            out, residual = conv3x3(self.conv1, x, self.fast_conv), self.shortcut(x)
+        out = bn_relu(self.bn1, out, fused=self.fused_bn)
         out = conv3x3(self.conv2, out, self.fast_conv)
-        return bn_relu(self.bn2, out, self.shortcut(x), fused=self.fused_bn)
+        return bn_relu(self.bn2, out, residual, fused=self.fused_bn)
 
 
 class CifarResNet(nn.Module):
