@@ -17,7 +17,6 @@ CL = torch.channels_last
 BF16_CPU = (
     "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
 )
-needs_kernel = pytest.mark.skipif(not BF16_CPU, reason="this CPU has no AVX512-BF16")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,6 @@ def test_anything_else_is_plain_conv2d(case):
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-@needs_kernel
 def test_resnet32_training_step_same_as_onednn(lib):
     """A whole bf16 step with and without the kernel: same loss, same gradients up to bf16.
 
