@@ -126,10 +126,7 @@ class CifarResNet(nn.Module):
 
     @fused_bn.setter
     def fused_bn(self, on: bool) -> None:
-        self._fused_bn = bool(on)
-        for m in self.modules():
-            if isinstance(m, BasicBlock):
-                m.fused_bn = self._fused_bn
+        self._switch("fused_bn", on)
 
     @property
     def fast_conv(self) -> bool:
@@ -138,10 +135,14 @@ class CifarResNet(nn.Module):
 
     @fast_conv.setter
     def fast_conv(self, on: bool) -> None:
-        self._fast_conv = bool(on)
+        self._switch("fast_conv", on)
+
+    def _switch(self, name: str, on: bool) -> None:
+        """Set a kernel switch here (``_<name>``, for the stem) and on every block."""
+        setattr(self, f"_{name}", bool(on))
         for m in self.modules():
             if isinstance(m, BasicBlock):
-                m.fast_conv = self._fast_conv
+                setattr(m, name, bool(on))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, 64)`` of images ``(B, C_in, H, W)``."""
