@@ -108,13 +108,14 @@ def test_no_input_gradient_when_not_needed(lib):
 
 
 @pytest.mark.parametrize(
-    "case", ["no autocast", "fp32 input", "nchw", "stride 3", "bias", "8 channels", "fast off"]
+    "case",
+    ["no autocast", "fp32 input", "nchw", "stride 3", "bias", "8 channels", "fast off", "empty"],
 )
 def test_anything_else_is_plain_conv2d(case):
     """Outside the kernel's cases conv3x3 is exactly ``conv(x)``, the same autograd graph."""
     ci = 8 if case == "8 channels" else 16
     conv = nn.Conv2d(ci, 16, 3, 3 if case == "stride 3" else 1, 1, bias=case == "bias")
-    x = torch.randn(2, ci, 6, 6)
+    x = torch.randn(0 if case == "empty" else 2, ci, 6, 6)
     if case != "fp32 input":
         x = x.bfloat16()
     if case != "nchw":
@@ -209,3 +210,10 @@ def test_fork_outside_the_kernel_returns_x_itself():
     y, r = conv3x3.conv3x3_fork(conv, x)
     assert r is x
     torch.testing.assert_close(y, conv(x), rtol=0, atol=0)
+
+
+def test_zero_width_image_gets_pytorchs_error_not_a_crash():
+    conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
+    x = torch.randn(2, 16, 1, 0).bfloat16().contiguous(memory_format=CL)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="Kernel"):
+        conv_fn(conv, x)

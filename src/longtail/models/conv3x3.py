@@ -180,6 +180,7 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and x.dtype == torch.bfloat16
         and x.dim() == 4
         and x.shape[1] == conv.in_channels
+        and x.numel() > 0  # empty batch or image: PyTorch gives the result or the error
         and x.is_contiguous(memory_format=_CL)
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
