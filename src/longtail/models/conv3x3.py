@@ -34,8 +34,13 @@ _CL = torch.channels_last
 
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, or ``None`` if it cannot be built or the CPU lacks AVX512-BF16."""
-    lib = kernels.load("conv3x3", _SIGNATURES, "3x3 convolution", "fast_conv")
-    return lib if lib is not None and lib.lt_conv3x3_available() else None
+    return kernels.load(
+        "conv3x3",
+        _SIGNATURES,
+        "3x3 convolution",
+        "fast_conv",
+        usable=lambda lib: bool(lib.lt_conv3x3_available()),  # asked once, not per call
+    )
 
 
 def _check(status: int, what: str) -> None:

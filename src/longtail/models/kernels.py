@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -76,12 +77,20 @@ def _build(name: str, signatures: Signatures) -> ctypes.CDLL:
     return lib
 
 
-def load(name: str, signatures: Signatures, what: str, switch: str) -> ctypes.CDLL | None:
+def load(
+    name: str,
+    signatures: Signatures,
+    what: str,
+    switch: str,
+    usable: Callable[[ctypes.CDLL], bool] | None = None,
+) -> ctypes.CDLL | None:
     """Kernel library ``name`` (``models/<name>.c``), built on first call.
 
     ``signatures`` maps each function to ``(restype, argtypes)`` (ctypes types).
     Returns ``None`` after one ``RuntimeWarning`` naming ``what`` the kernel does and the config
-    ``switch`` that turns it off, if it cannot be built.
+    ``switch`` that turns it off, if it cannot be built. ``usable(lib)``, asked once after the
+    build, can turn the library down without a warning (e.g. the CPU lacks an instruction set);
+    :func:`load` then returns ``None`` from then on.
     """
     lib = _libs.get(name)
     if lib is not None or name in _failed:
@@ -89,7 +98,11 @@ def load(name: str, signatures: Signatures, what: str, switch: str) -> ctypes.CD
     with _lock:
         if name not in _libs and name not in _failed:
             try:
-                _libs[name] = _build(name, signatures)
+                lib = _build(name, signatures)
+                if usable is None or usable(lib):
+                    _libs[name] = lib
+                else:
+                    _failed[name] = "not usable on this CPU"
             except (OSError, RuntimeError) as e:
                 _failed[name] = str(e)
                 warnings.warn(
