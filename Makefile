@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.longtail-installed
+# APT=auto: `make test` installs the test data (Debian package dataset-fashion-mnist) when it is
+# missing and it can (root or password-less sudo); APT=false: never, the tests that need it skip.
+APT ?= auto
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-data lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +18,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/longtail demo --out runs/demo
 
-test: $(STAMP)
+test-data:
+	APT=$(APT) bash scripts/provision-test-data.sh
+
+test: $(STAMP) test-data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ Tests may read these run directories and run stage 2 in them (which adds ``featu
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,37 @@ import torch
 from omegaconf import DictConfig
 
 from longtail.config import load_config
+from longtail.data.datasets import FASHION_MNIST_ROOT, fashion_mnist_available
 from longtail.train.loop import Stage1
 
 # The test machine's cores are shared with other work: one intra-op thread avoids the heavy
 # oversubscription slowdown (a tiny run is ~6x faster than with 2 contended threads).
 torch.set_num_threads(1)
+
+# Tests that read the real Fashion-MNIST files carry ``@pytest.mark.fashion_mnist``. Without the
+# data they skip locally with this reason; under CI (CI=true) they fail, so a missing install
+# step can never hide behind a skip.
+FASHION_MNIST_REASON = (
+    f"needs Fashion-MNIST in {FASHION_MNIST_ROOT}: `make test` installs it on Debian/Ubuntu "
+    "as root (apt-get install dataset-fashion-mnist); elsewhere put the four IDX files there"
+)
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"fashion_mnist: {FASHION_MNIST_REASON}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("fashion_mnist") is None or fashion_mnist_available():
+        return
+    if _on_ci():
+        pytest.fail(f"CI=true and the test {FASHION_MNIST_REASON}", pytrace=False)
+    pytest.skip(FASHION_MNIST_REASON)
+
 
 TINY = [
     "device=cpu",

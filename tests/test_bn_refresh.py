@@ -10,6 +10,8 @@ from torch.optim.swa_utils import update_bn
 from longtail.data.datasets import load_fashion_mnist
 from longtail.train.bn import refresh_bn
 
+pytestmark = pytest.mark.fashion_mnist
+
 
 def _net() -> nn.Sequential:
     torch.manual_seed(0)

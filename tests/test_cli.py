@@ -51,6 +51,7 @@ def assert_one_line_error(code: int, out: str, err: str) -> str:
 
 
 # ------------------------------------------------------------------ data summary
+@pytest.mark.fashion_mnist
 def test_data_summary_fashion_mnist_prints_counts_and_writes_png(tmp_path, capsys):
     png = tmp_path / "hist.png"
     code, out, err = run_main(

@@ -116,6 +116,7 @@ def test_two_process_swag_state_identical_on_reload(worker_result) -> None:
     assert worker_result["swag_equal"] == [True, True]
 
 
+@pytest.mark.fashion_mnist
 def test_ddp_sync_bn_matches_single_process_run(tmp_path) -> None:
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, "-m", "longtail", "train", *RUN, "--out", str(two))

@@ -7,6 +7,7 @@ the other tests read its output or exercise the data step alone (no training).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import subprocess
@@ -35,12 +36,13 @@ COUNTS = [int(120 * 0.1 ** (i / 9)) for i in range(10)]  # 120 .. 12, imbalance 
 HELDOUT_PER_CLASS = 15
 FIT_ARGS = ["device=cpu", "precision=fp32", "optim.epochs=4", "stage2.srepr_samples=3"]
 
-try:
-    _FM_TRAIN = load_fashion_mnist(None, "train")
-    _FM_TEST = load_fashion_mnist(None, "test")
-except LongtailError:  # pragma: no cover - the CI image installs dataset-fashion-mnist
-    _FM_TRAIN = _FM_TEST = None
-pytestmark = pytest.mark.skipif(_FM_TRAIN is None, reason="Fashion-MNIST not installed")
+pytestmark = pytest.mark.fashion_mnist
+
+
+@functools.cache
+def _fashion_mnist(split: str):
+    """The real Fashion-MNIST split, read once (a loader error fails the test, never skips)."""
+    return load_fashion_mnist(None, split)
 
 
 def _file_name(j: int) -> str:
@@ -53,7 +55,7 @@ def write_tree(root: Path, counts: list[int] = COUNTS, seed: int = 0, extras: bo
     ``extras`` adds an RGBA PNG and an odd-sized grayscale JPEG to class 1 (valid), a truncated
     PNG to class 0 and a text file to class 2 (both skipped).
     """
-    x, y = _FM_TRAIN.images.numpy()[:, 0], _FM_TRAIN.labels.numpy()
+    x, y = _fashion_mnist("train").images.numpy()[:, 0], _fashion_mnist("train").labels.numpy()
     rng = np.random.RandomState(seed)
     for c, n in enumerate(counts):
         d = root / CLASSES[c]
@@ -74,7 +76,7 @@ def write_tree(root: Path, counts: list[int] = COUNTS, seed: int = 0, extras: bo
 
 def write_heldout(root: Path) -> dict[str, str]:
     """Fashion-MNIST *test* images (never trained on), nested folders; ``{path: class}``."""
-    x, y = _FM_TEST.images.numpy()[:, 0], _FM_TEST.labels.numpy()
+    x, y = _fashion_mnist("test").images.numpy()[:, 0], _fashion_mnist("test").labels.numpy()
     truth = {}
     for c in range(10):
         for j, i in enumerate(np.flatnonzero(y == c)[:HELDOUT_PER_CLASS]):
@@ -354,7 +356,7 @@ def test_streamed_images_fit_and_predict_alike(tmp_path):
     from longtail.data.streaming import build_transform, pil_to_rgb
     from longtail.fit import fit, predict
 
-    x, y = _FM_TRAIN.images.numpy()[:, 0], _FM_TRAIN.labels.numpy()
+    x, y = _fashion_mnist("train").images.numpy()[:, 0], _fashion_mnist("train").labels.numpy()
     for c, n in enumerate([30, 15]):
         d = tmp_path / "tree" / f"class {c}"
         d.mkdir(parents=True)

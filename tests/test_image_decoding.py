@@ -10,6 +10,8 @@ from longtail.data.datasets import load_fashion_mnist
 from longtail.data.streaming import exif_orientation, pil_to_rgb
 from longtail.fit.images import Header, open_image, read_header
 
+pytestmark = pytest.mark.fashion_mnist
+
 
 @pytest.fixture(scope="module")
 def picture() -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -250,11 +248,10 @@ def test_empty_class_rejected():
 # ------------------------------------------------------------------ real data
 @pytest.fixture(scope="module")
 def fmnist_full():
-    if not Path(FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz").is_file():
-        pytest.fail(f"Fashion-MNIST not installed at {FASHION_MNIST_ROOT}")
     return load_fashion_mnist(FASHION_MNIST_ROOT, "train")
 
 
+@pytest.mark.fashion_mnist
 def test_fashion_mnist_lt_if100(fmnist_full):
     splits = prepare_data("fashion-mnist", imbalance=100, val_per_class=0)
     expected = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
@@ -274,6 +271,7 @@ def test_fashion_mnist_lt_if100(fmnist_full):
     assert torch.equal(splits.train.images, fmnist_full.images[torch.from_numpy(ref)])
 
 
+@pytest.mark.fashion_mnist
 def test_every_split_is_normalised_with_training_statistics() -> None:
     s = prepare_data("fashion-mnist", imbalance=100, val_per_class=20)
     train_mean, train_std = channel_stats(load_fashion_mnist(None, "train").images)

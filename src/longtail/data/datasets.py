@@ -273,6 +273,16 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
+def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
+    """Whether ``root`` (default :data:`FASHION_MNIST_ROOT`) holds all four IDX files."""
+    root = Path(root or FASHION_MNIST_ROOT).expanduser()
+    return all(
+        _find_idx(root, f"{p}-{kind}") is not None
+        for p in ("train", "t10k")
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+    )
+
+
 def load_fashion_mnist(root: str | os.PathLike | None, split: str) -> ImageDataset:
     """Fashion-MNIST from its IDX files: ``(N, 1, 28, 28)`` uint8 images, 10 classes."""
     root = Path(root or FASHION_MNIST_ROOT).expanduser()
