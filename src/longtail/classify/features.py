@@ -8,17 +8,16 @@ after re-estimating BatchNorm for that sample. Large banks are stored as float16
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from longtail.data.loader import BatchLoader
 from longtail.models.predict import collect_outputs
+from longtail.progress import progress
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import atomic_torch_save, verified_load
 from longtail.train.distributed import average_bn_buffers, gather_rows, world
@@ -47,18 +46,26 @@ def extract(
     for s in splits:
         if s in loaders:
             t0 = time.perf_counter()
-            out[s] = sharded_features(model, loaders[s], rt)
+            out[s] = sharded_features(model, loaders[s], rt, desc=f"features ({s})")
             if seconds is not None:
                 seconds[f"extract_{s}"] = time.perf_counter() - t0
     return out
 
 
-def sharded_features(model: nn.Module, loader: BatchLoader, rt: Runtime):
+def sharded_features(
+    model: nn.Module, loader: BatchLoader, rt: Runtime, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``(N, d)`` and labels ``(N,)`` of a whole split; under torchrun each rank
-    passes ``1/W`` of the split and the shards are gathered on every rank."""
+    passes ``1/W`` of the split and the shards are gathered on every rank.
+
+    ``desc``, when given, labels a progress bar over the batches (terminal, rank 0 only).
+    """
     rank, ws = world()
-    idx = np.arange(len(loader.ds))[rank::ws] if ws > 1 else None
-    z, y = collect_outputs(model, loader.batches(idx), "features", rt.autocast())
+    idx = np.arange(len(loader.ds))[rank::ws] if ws > 1 else np.arange(len(loader.ds))
+    batches = loader.batches(idx)
+    if desc is not None:
+        batches = progress(batches, desc=desc, total=loader.num_batches(len(idx)), unit="batch")
+    z, y = collect_outputs(model, batches, "features", rt.autocast())
     if ws > 1:
         z, y = gather_rows(z, len(loader.ds)), gather_rows(y, len(loader.ds))
     return z, y
@@ -102,9 +109,7 @@ def swag_banks(
     bn_idx = bn_idx[rank::ws]
     banks: dict[str, list] = {s: [] for s in splits if s in loaders}
     labels: dict[str, torch.Tensor] = {}
-    bar = tqdm(
-        range(num_samples), desc="SWAG samples", leave=False, disable=not sys.stderr.isatty()
-    )
+    bar = progress(range(num_samples), desc="SWAG feature banks", unit="sample")
     for _ in bar:
         swag.sample(net, scale, gen)
         refresh_bn(net, loaders["train_aug"].batches(bn_idx), rt.autocast())

@@ -23,6 +23,7 @@ from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.tables import format_table
 from longtail.models import build_model
+from longtail.progress import progress
 from longtail.train.checkpoint import atomic_write_json, verified_load
 from longtail.train.loop import build_data, make_loaders
 from longtail.train.runtime import init_distributed, make_runtime, seed_everything
@@ -111,7 +112,7 @@ class Stage2:
             return torch.stack(
                 [
                     extract(self.model, {"train": loader}, self.rt, ("train",))["train"][0]
-                    for _ in range(v)
+                    for _ in progress(range(v), desc="augmented feature views", unit="view")
                 ]
             )
 
@@ -227,7 +228,7 @@ class Stage2:
 
         grid = list(s2.srepr_alpha_grid) or [s2.srepr_alpha]
         sweep = []
-        for a in grid:
+        for a in progress(grid, desc="SRepr (α grid)", unit="fit"):
             h = fit(a)
             r = evaluate_logits(h(zv).detach(), yv, self.counts)
             sweep.append({"alpha": a, "val_acc": r["accuracy"], "val_nll": r["nll"], "head": h})

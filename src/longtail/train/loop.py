@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from longtail.config import diff_configs, load_config, to_yaml
 from longtail.data.loader import BatchLoader
@@ -32,6 +31,7 @@ from longtail.errors import LongtailError
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.models import build_model
 from longtail.models.predict import collect_outputs
+from longtail.progress import format_seconds, progress
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import (
     atomic_torch_save,
@@ -222,6 +222,8 @@ class Stage1:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         if resume:
             self._restore()
+        # the run's ETA: wall time per step so far in this process (evaluation included)
+        self._clock = (time.perf_counter(), self.global_step)
         if self.rt.is_main and not resume:
             self._write_run_info()
         self.tb = None
@@ -351,13 +353,12 @@ class Stage1:
             self.loaders["train"].generator.manual_seed(cfg.seed * 100_003 + e + 7919 * rt.rank)
         self.net.train()
         total = self.steps_per_epoch
-        bar = tqdm(
+        bar = progress(
             total=total,
             initial=self.step_in_epoch,
             desc=f"epoch {e + 1}/{cfg.optim.epochs}",
             unit="step",
-            disable=not (rt.is_main and sys.stderr.isatty()),
-            leave=False,
+            is_main=rt.is_main,
         )
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -401,9 +402,9 @@ class Stage1:
                     self._average()
             if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0:
                 self._checkpoint()
-            rate = seen * rt.world_size / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-            bar.update()
+            if not bar.disable:
+                bar.set_postfix_str(self._progress_text(loss.item(), lr, seen, t0), refresh=False)
+                bar.update()
         bar.close()
         dt = time.perf_counter() - t0
         if self.swa_start is not None and cfg.swa.every_steps == 0 and e >= self.swa_start:
@@ -415,6 +416,16 @@ class Stage1:
             "img_per_s": seen * rt.world_size / max(dt, 1e-9),
             "epoch_seconds": dt,
         }
+
+    def _progress_text(self, loss: float, lr: float, seen: int, t0: float) -> str:
+        """The bar's postfix: loss, lr, images per second (all ranks) and the run's ETA."""
+        now = time.perf_counter()
+        rate = seen * self.rt.world_size / max(now - t0, 1e-9)
+        start, step0 = self._clock
+        done = self.global_step - step0
+        left = self.cfg.optim.epochs * self.steps_per_epoch - self.global_step
+        eta = format_seconds((now - start) / done * left) if done > 0 else "?"
+        return f"loss={loss:.3f} lr={lr:.3g} img/s={rate:.0f} run ETA {eta}"
 
     def fit(self) -> dict:
         """Train to the last epoch, then finalise SWA/SWAG; returns the test metrics."""
