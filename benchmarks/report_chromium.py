@@ -8,11 +8,14 @@ websocket-client), opens the page and verifies that
 
 (a) nothing is reported as an error: no ``console.error`` / ``console.assert``, no uncaught
     exception, no browser log entry of level ``error`` (e.g. a resource that failed to load);
-(b) every ``<img>`` decodes and has ``naturalWidth > 0`` (and ``naturalHeight > 0``).
+(b) every ``<img>`` decodes and has ``naturalWidth > 0`` (and ``naturalHeight > 0``);
+(c) nothing is wider than the page at ``--width``: neither the document nor any table (a table
+    that only fits by scrolling sideways inside its box counts as overflowing).
 
-It then saves a PNG screenshot of the whole page. Exit status 0 when both checks pass, 1 when one
+It then saves a PNG screenshot of the whole page. Exit status 0 when all checks pass, 1 when one
 fails, 2 on a usage or browser problem. ``--self-test`` first runs the same checks on a page with a
-broken image and a console error and requires both to be caught, so a pass is not vacuous.
+broken image, a console error and an over-wide table and requires all three to be caught, so a
+pass is not vacuous.
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ IMAGES_JS = """
   return imgs.map((i, k) => ({index: k, alt: i.alt, complete: i.complete,
                               naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight,
                               srcStart: i.currentSrc.slice(0, 30)}));
+})()
+"""
+
+
+# Elements wider than the page: the document itself, and any scroll box or table whose content
+# is wider than its box (a table that only fits by scrolling sideways counts as overflowing).
+OVERFLOW_JS = """
+(() => {
+  const out = [];
+  const doc = document.documentElement;
+  if (doc.scrollWidth > window.innerWidth)
+    out.push({what: 'page', scrollWidth: doc.scrollWidth, width: window.innerWidth});
+  for (const el of document.querySelectorAll('.scroll, table')) {
+    const box = el.tagName === 'TABLE' ? el.parentElement : el;
+    if (el.scrollWidth > box.clientWidth + 1)
+      out.push({what: el.id || el.className || el.tagName.toLowerCase(),
+                scrollWidth: el.scrollWidth, width: box.clientWidth});
+  }
+  return out;
 })()
 """
 
@@ -279,8 +301,11 @@ def _errors(events: list[dict]) -> list[str]:
 
 def check_page(
     port: int, html: Path, screenshot: Path | None, width: int
-) -> tuple[list[str], list[dict], tuple[int, int] | None]:
-    """Open ``html`` in a new tab; returns (errors, images, screenshot size)."""
+) -> tuple[list[str], list[dict], list[dict], tuple[int, int] | None]:
+    """Open ``html`` in a new tab.
+
+    Returns (errors, images, overflowing elements, screenshot size).
+    """
     url = f"http://127.0.0.1:{port}/json/new?about:blank"
     req = urllib.request.Request(url, method="PUT")
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -297,6 +322,10 @@ def check_page(
         if "exceptionDetails" in res:
             raise CDPError(f"image check script failed: {res['exceptionDetails']}")
         images = res["result"]["value"]
+        res = page.call("Runtime.evaluate", expression=OVERFLOW_JS, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise CDPError(f"overflow check script failed: {res['exceptionDetails']}")
+        overflow = res["result"]["value"]
         page.drain(0.5)
         size = None
         if screenshot is not None:
@@ -314,7 +343,7 @@ def check_page(
             tmp.write_bytes(base64.b64decode(shot["data"]))
             os.replace(tmp, screenshot)
             size = (width, h)
-        return _errors(page.events), images, size
+        return _errors(page.events), images, overflow, size
     finally:
         page.ws.close()
 
@@ -326,6 +355,9 @@ def _bad_images(images: list[dict]) -> list[dict]:
 SELF_TEST_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>t</title></head>
 <body><img alt="good" src="data:image/png;base64,{png}">
 <img alt="broken" src="data:image/png;base64,AAAA">
+<div class="scroll" style="width:100px;overflow-x:auto"><table id="wide"><tr>
+<td style="white-space:nowrap">a cell far wider than its one-hundred-pixel box</td></tr>
+</table></div>
 <script>console.error("deliberate self-test error")</script></body></html>"""
 
 # A 1x1 PNG.
@@ -340,15 +372,20 @@ def self_test(port: int, width: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         page = Path(d) / "bad.html"
         page.write_text(SELF_TEST_PAGE.format(png=ONE_PIXEL_PNG))
-        errors, images, _ = check_page(port, page, None, width)
+        errors, images, overflow, _ = check_page(port, page, None, width)
     bad = [i["alt"] for i in _bad_images(images)]
     caught_console = any("deliberate self-test error" in e for e in errors)
-    if bad != ["broken"] or not caught_console:
+    wide = sorted({o["what"] for o in overflow})
+    if bad != ["broken"] or not caught_console or wide != ["scroll", "wide"]:
         raise CDPError(
             f"self-test failed: broken images flagged {bad} (expected ['broken']), "
-            f"console error caught: {caught_console}; errors={errors}"
+            f"console error caught: {caught_console}; errors={errors}; overflowing {wide} "
+            "(expected ['scroll', 'wide'])"
         )
-    print(f"self-test: broken <img> and console.error both caught ({len(errors)} error(s))")
+    print(
+        f"self-test: broken <img>, console.error ({len(errors)} error(s)) and a table wider "
+        "than its box all caught"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.self_test:
                 self_test(port, a.width)
             t0 = time.perf_counter()
-            errors, images, size = check_page(port, a.html, shot, a.width)
+            errors, images, overflow, size = check_page(port, a.html, shot, a.width)
             dt = time.perf_counter() - t0
     except CDPError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -390,9 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     for i in images:
         flag = "ok " if i not in bad else "BAD"
         print(f"  {flag} #{i['index']} {i['naturalWidth']}x{i['naturalHeight']}  {i['alt']}")
+    print(f"horizontal overflow at {a.width} CSS px: {len(overflow)} element(s)")
+    for o in overflow:
+        print(f"  {o['what']}: content {o['scrollWidth']} px in a {o['width']} px box")
     if size:
         print(f"screenshot: {shot} ({size[0]}x{size[1]} CSS px, {shot.stat().st_size:,} bytes)")
-    ok = not errors and not bad and bool(images)
+    ok = not errors and not bad and bool(images) and not overflow
     if not images:
         print("FAIL: the page has no <img>")
     print("PASS" if ok else "FAIL")

@@ -59,26 +59,36 @@ def report(run_dir) -> tuple[Path, Path]:
 
 
 class _Page(HTMLParser):
-    """Collects ``<img>`` sources and the comparison table's cells (text, bold)."""
+    """Collects ``<img>`` sources and the comparison table's cells (text, bold).
+
+    The comparison is one table (``id="comparison"``) or, with temperature scaling, two that
+    share the method column (``comparison`` then ``comparison-ts``); ``rows`` joins them
+    back into one row per method, the method column once.
+    """
 
     def __init__(self):
         super().__init__()
         self.imgs: list[str] = []
         self.rows: list[list[tuple[str, bool]]] = []
+        self.tables: list[str] = []
         self._cell: list[str] | None = None
         self._bold = False
         self._in_table = False
+        self._row = self._col = -1
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "img":
             self.imgs.append(a.get("src", ""))
-        elif tag == "table" and a.get("id") == "comparison":
-            self._in_table = True
+        elif tag == "table" and a.get("id") in ("comparison", "comparison-ts"):
+            self._in_table, self._row = True, -1
+            self.tables.append(a["id"])
         elif self._in_table and tag == "tr":
-            self.rows.append([])
+            self._row, self._col = self._row + 1, -1
+            if len(self.tables) == 1:
+                self.rows.append([])
         elif self._in_table and tag in ("td", "th"):
-            self._cell, self._bold = [], False
+            self._cell, self._bold, self._col = [], False, self._col + 1
         elif self._cell is not None and tag == "b":
             self._bold = True
 
@@ -86,7 +96,8 @@ class _Page(HTMLParser):
         if tag == "table":
             self._in_table = False
         elif self._in_table and tag in ("td", "th") and self._cell is not None:
-            self.rows[-1].append(("".join(self._cell).strip(), self._bold))
+            if len(self.tables) == 1 or self._col > 0:  # later tables repeat the method column
+                self.rows[self._row].append(("".join(self._cell).strip(), self._bold))
             self._cell = None
 
     def handle_data(self, data):
@@ -149,6 +160,7 @@ def test_html_embeds_one_decodable_png_per_figure(report):
 
 def test_table_lists_every_method_and_marks_the_best(run_dir, report):
     page = _parse(report[0])
+    assert page.tables == ["comparison", "comparison-ts"]  # raw and TS split to fit the page
     header = [c for c, _ in page.rows[0]]
     assert header[:8] == ["method", "acc", "many", "medium", "few", "NLL", "ECE", "Brier"]
     assert "NLL (TS)" in header and "ECE (TS)" in header  # temperature scaling present

@@ -466,7 +466,8 @@ def _markdown(
 
 
 _CSS = """
-.scroll{overflow-x:auto}
+.scroll{overflow-x:auto;margin:.6em 0}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1150px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
@@ -478,6 +479,42 @@ figure{margin:1em 0}figcaption{font-size:.9em;color:#555}dl{display:grid;
 grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 .note{font-size:.9em;color:#555}
 """
+
+
+def _html_tables(header: list[str], rows: list[list[str]], best: list[list[bool]]) -> list[str]:
+    """The comparison as HTML tables narrow enough for the page.
+
+    With temperature scaling the columns are split in two tables that share the method
+    column: raw (``id="comparison"``), then temperature-scaled (``id="comparison-ts"``).
+    """
+    e = html.escape
+    split = header.index("T") if "T" in header else len(header)
+    parts = [("comparison", "Raw", range(1, split))]
+    if split < len(header):
+        ts = "After temperature scaling (T fitted on the validation split)"
+        parts.append(("comparison-ts", ts, range(split, len(header))))
+    out = []
+    for table_id, caption, cols in parts:
+        cols = [0, *cols]
+        out.append(
+            f'<div class="scroll"><table id="{table_id}">'
+            + (f"<caption>{e(caption)}</caption>" if len(parts) > 1 else "")
+            + "<thead><tr>"
+            + "".join(f'<th scope="col">{e(header[j])}</th>' for j in cols)
+            + "</tr></thead><tbody>"
+        )
+        for row, b in zip(rows, best, strict=True):
+            cells = []
+            for j in cols:
+                if j == 0:
+                    cells.append(f'<th scope="row">{e(row[j])}</th>')
+                elif b[j]:
+                    cells.append(f'<td class="best"><b>{e(row[j])}</b></td>')
+                else:
+                    cells.append(f"<td>{e(row[j])}</td>")
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</tbody></table></div>")
+    return out
 
 
 def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure]) -> str:
@@ -498,21 +535,8 @@ def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure])
             else ""
         )
         + "</p>",
-        '<div class="scroll"><table id="comparison"><thead><tr>'
-        + "".join(f'<th scope="col">{e(h)}</th>' for h in header)
-        + "</tr></thead><tbody>",
     ]
-    for row, b in zip(rows, best, strict=True):
-        cells = []
-        for j, (c, bb) in enumerate(zip(row, b, strict=True)):
-            if j == 0:
-                cells.append(f'<th scope="row">{e(c)}</th>')
-            elif bb:
-                cells.append(f'<td class="best"><b>{e(c)}</b></td>')
-            else:
-                cells.append(f"<td>{e(c)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table></div>")
+    out += _html_tables(header, rows, best)
     if choices:
         out.append(
             '<p class="note">Chosen on the validation split:</p><ul>'
