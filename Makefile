@@ -7,6 +7,8 @@ STAMP := $(VENV)/.longtail-installed
 # APT=auto: `make test` installs the test data (Debian package dataset-fashion-mnist) when it is
 # missing and it can (root or password-less sudo); APT=false: never, the tests that need it skip.
 APT ?= auto
+# Extra pytest arguments, e.g. make test PYTEST_ARGS='-m fashion_mnist' or PYTEST_ARGS='-k report'.
+PYTEST_ARGS ?=
 
 .PHONY: demo test test-data lint format clean
 
@@ -24,7 +26,7 @@ test-data:
 test: $(STAMP) test-data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff format .
