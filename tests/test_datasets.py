@@ -26,6 +26,8 @@ from longtail.data.datasets import (
     read_list_file,
 )
 from longtail.data.loader import BatchLoader
+from longtail.data.prepare import prepare_data
+from longtail.data.user import save_user_split
 from longtail.errors import LongtailError
 
 
@@ -448,10 +450,12 @@ def test_inat2018_json(tmp_path):
     assert train.labels.tolist() == [7, 2, 7]
     assert train.paths == [str(tmp_path / f) for f in files]
     assert train.counts().tolist() == [0, 0, 1, 0, 0, 0, 0, 2]
-    # the community evaluates iNaturalist on its val split
+    # the community evaluates iNaturalist on its val split: it is the test set, and so never
+    # the validation split too (prepare_data carves that from training)
     test = load_dataset("inat2018", "test", root=str(tmp_path))
     assert test.labels.tolist() == [0, 5]
     assert test.paths == [str(tmp_path / "v/d.jpg"), str(tmp_path / "v/e.jpg")]
+    assert load_dataset("inat2018", "val", root=str(tmp_path)) is None
 
 
 def test_inat2018_test_without_val_is_an_error(tmp_path):
@@ -666,3 +670,85 @@ def test_batch_loader_unreadable_image(tmp_path):
     loader = BatchLoader(ds, batch_size=5, image_size=32, num_workers=0)
     with pytest.raises(LongtailError, match="cannot read image.*emu"):
         list(loader.batches())
+
+
+# ------------------------------------------------------------------ no split leaks into test
+def _list_rows(prefix: str, n: int, classes: int) -> str:
+    return "".join(
+        f"{prefix}/{c}/{prefix}_{c}_{i}.jpg {c}\n" for c in range(classes) for i in range(n)
+    )
+
+
+def _genuine_root(name: str, root: Path) -> None:
+    """Small files in ``name``'s genuine on-disk format: 10 classes x 8 training images."""
+    rng = np.random.RandomState(3)
+    if name == "fashion-mnist":
+        for prefix, n in (("train", 80), ("t10k", 30)):
+            write_idx(root / f"{prefix}-images-idx3-ubyte", rng.randint(0, 256, (n, 28, 28)), True)
+            write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, True)
+    elif name == "cifar10":
+        make_cifar10(root, per_batch=16, n_test=20)
+    elif name == "cifar100":
+        make_cifar100(root, n_train=1500, n_test=50)
+    elif name in ("imagenet-lt", "places-lt"):
+        stem = {"imagenet-lt": "ImageNet_LT", "places-lt": "Places_LT"}[name]
+        (root / f"{stem}_train.txt").write_text(_list_rows("train", 8, 10))
+        (root / f"{stem}_val.txt").write_text(_list_rows("val", 2, 10))
+        (root / f"{stem}_test.txt").write_text(_list_rows("test", 3, 10))
+    elif name == "inat2018":  # the genuine release: train and val lists, no test list
+        (root / "iNaturalist18_train.txt").write_text(_list_rows("train_val2018", 8, 10))
+        (root / "iNaturalist18_val.txt").write_text(_list_rows("val2018", 3, 10))
+    elif name == "user":  # what `longtail fit` materialises: ROOT/{train,val,test}.pt
+        for split, n in (("train", 80), ("val", 10), ("test", 30)):
+            images = torch.from_numpy(rng.randint(0, 256, (n, 1, 8, 8)).astype(np.uint8))
+            ds = ImageDataset(
+                labels=np.arange(n) % 10,
+                classes=[str(c) for c in range(10)],
+                images=images,
+                name="user",
+            )
+            save_user_split(ds, root, split)
+    elif name == "folder":
+        for split, n in (("train", 8), ("test", 3)):
+            for c in range(3):
+                for i in range(n):
+                    save_png(root / split / f"c{c}" / f"{i}.png", "L", (4, 4), 10 * c + i)
+
+
+def _keys(ds) -> set:
+    """One key per image: its path, or the hash of its pixels for an in-memory dataset."""
+    if ds.paths is not None:
+        return set(ds.paths)
+    return {hash(row.numpy().tobytes()) for row in ds.images}
+
+
+@pytest.mark.parametrize("name", available_datasets())
+def test_every_dataset_keeps_validation_and_training_out_of_the_test_set(tmp_path, name):
+    """Guards the iNaturalist-2018 leak: its val list was both the test and the validation split,
+    so tau, alpha and every temperature were chosen on the test images."""
+    _genuine_root(name, tmp_path)
+    root = None if name == "digits" else str(tmp_path)
+    imbalance = None if name in ("imagenet-lt", "places-lt", "inat2018", "folder", "user") else 2.0
+    s = prepare_data(name, root=root, imbalance=imbalance, val_per_class=1)
+    assert s.val is not None and len(s.val) > 0, "every dataset gets a validation split"
+    test = _keys(s.test)
+    assert len(test) == len(s.test)  # the keys identify images one to one
+    assert not _keys(s.train) & test
+    assert not _keys(s.val) & test
+    assert not _keys(s.train) & _keys(s.val)
+
+
+def test_inat2018_validation_is_carved_from_training(tmp_path):
+    _genuine_root("inat2018", tmp_path)
+    assert load_dataset("inat2018", "val", root=str(tmp_path)) is None
+    s = prepare_data("inat2018", root=str(tmp_path), imbalance=None, val_per_class=1)
+    assert all("/train_val2018/" in p for p in s.val.paths)
+    assert all("/val2018/" in p and "train_val" not in p for p in s.test.paths)
+    assert s.val.counts().tolist() == [1] * 10
+
+
+def test_a_test_list_that_repeats_training_images_is_refused(tmp_path):
+    (tmp_path / "ImageNet_LT_train.txt").write_text(_list_rows("train", 8, 10))
+    (tmp_path / "ImageNet_LT_test.txt").write_text("train/4/train_4_2.jpg 4\n")
+    with pytest.raises(LongtailError, match=r"1 test image\(s\) are also in the training split"):
+        prepare_data("imagenet-lt", root=str(tmp_path), imbalance=None, val_per_class=1)

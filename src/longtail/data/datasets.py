@@ -453,14 +453,17 @@ def _native_lt(name: str, root: Path, split: str, list_dir: str | None) -> Image
     stem, num_classes = _NATIVE_LT[name]
     ldir = Path(list_dir).expanduser() if list_dir else root
     lst = ldir / f"{stem}_{split}.txt"
+    if name == "inat2018" and split != "train" and not (ldir / f"{stem}_test.txt").is_file():
+        # The community evaluates iNaturalist on its val split (val list or val2018.json): it is
+        # the test set, and so never the validation split too, which would choose tau, alpha and
+        # the temperatures on the test images; prepare_data carves validation from training.
+        if split == "val":
+            return None
+        lst = ldir / f"{stem}_val.txt"
     if not lst.is_file() and name == "inat2018":
         js = ldir / f"{'train' if split == 'train' else 'val'}2018.json"
         if js.is_file():
             return _inat_json(js, root)
-        if split == "test":  # the community evaluates iNat on its val split
-            ds = _native_lt(name, root, "val", list_dir)
-            if ds is not None:
-                return ds
     if not lst.is_file():
         if split == "val":
             return None

@@ -47,6 +47,25 @@ def _align_classes(*splits: ImageDataset | None) -> list[ImageDataset | None]:
     return [None if s is None else replace(s, classes=list(longest)) for s in splits]
 
 
+def _check_disjoint(
+    dataset: str, train: ImageDataset, val: ImageDataset | None, test: ImageDataset
+) -> None:
+    """Refuse file-backed splits that share an image with the test set (a test-set leak)."""
+    if test.paths is None:
+        return
+    test_paths = set(test.paths)
+    for name, split in (("training", train), ("validation", val)):
+        if split is None or split.paths is None:
+            continue
+        shared = test_paths.intersection(split.paths)
+        if shared:
+            raise LongtailError(
+                f"{dataset}: {len(shared)} test image(s) are also in the {name} split, e.g. "
+                f"{sorted(shared)[0]}: give the test set its own list (or folder), disjoint "
+                f"from the {name} one"
+            )
+
+
 def prepare_data(
     dataset: str,
     root: str | None = None,
@@ -92,6 +111,7 @@ def prepare_data(
             keep, hold = balanced_holdout(full.labels.numpy(), val_per_class, seed)
             train, val = full.subset(keep), full.subset(hold)
         info.update(imbalance=imbalance_factor(train.counts()), profile="native")
+    _check_disjoint(dataset, train, val, test)
     # every split is normalised with the training source's statistics, never with its own
     val = None if val is None else replace(val, mean=full.mean, std=full.std)
     test = replace(test, mean=full.mean, std=full.std)
