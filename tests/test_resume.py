@@ -14,13 +14,14 @@ import torch
 
 from longtail.train.checkpoint import list_checkpoints, verified_load
 
+SWA_START = 3  # 0-based epoch; digits_lt anneals to swa.lr from there and collects snapshots
 OVERRIDES = [
     "precision=fp32",
     "deterministic=true",
     "optim.epochs=6",
     "optim.batch_size=16",
     "checkpoint_every_steps=5",
-    "swa.start=3",
+    f"swa.start={SWA_START}",
     "swa.every_steps=4",
     "swa.swag_rank=4",
 ]
@@ -32,18 +33,26 @@ def _train(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _kill_mid_epoch(proc: subprocess.Popen, run: Path, timeout: float = 240.0) -> str:
-    """SIGKILL ``proc`` as soon as a mid-epoch checkpoint of epoch >= 2 exists."""
+def _kill_inside_swa(proc: subprocess.Popen, run: Path, timeout: float = 240.0) -> Path:
+    """SIGKILL ``proc`` once a mid-epoch checkpoint exists from an epoch after ``swa.start``.
+
+    The kill lands a few steps later on a busy machine, and the run may have written newer
+    checkpoints by then: those are removed, so the resume always starts from the first such
+    checkpoint, whatever the timing.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         for ck in list_checkpoints(run):
             epoch, step = map(int, re.findall(r"\d+", ck.name))
-            if epoch >= 2 and step > 0:
+            if epoch > SWA_START and step > 0:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return ck.name
+                for newer in list_checkpoints(run)[list_checkpoints(run).index(ck) + 1 :]:
+                    newer.unlink()
+                    Path(f"{newer}.sha256").unlink()
+                return ck
         time.sleep(0.002)
-    raise AssertionError(f"no mid-epoch checkpoint appeared; exit {proc.poll()}")
+    raise AssertionError(f"no mid-epoch checkpoint inside SWA appeared; exit {proc.poll()}")
 
 
 def _states(run: Path) -> dict[str, dict]:
@@ -52,12 +61,17 @@ def _states(run: Path) -> dict[str, dict]:
     return out
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_inside_swa_then_resume_is_bitwise_equal(tmp_path: Path) -> None:
+    """Guards the restore of the SWA average and the SWAG moments and deviations: the kill lands
+    after snapshots were taken, so a resume that lost or re-initialised them would differ."""
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = _train(["digits_lt", *OVERRIDES, "--out", str(killed)])
-    seen = _kill_mid_epoch(proc, killed)
+    seen = _kill_inside_swa(proc, killed)
     assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "model_final.pt").exists(), f"finished before the kill ({seen})"
+    assert not (killed / "model_final.pt").exists(), f"finished before the kill ({seen.name})"
+    assert list_checkpoints(killed)[-1] == seen
+    at_kill = verified_load(seen)
+    assert at_kill["swag"]["n"] > 0 and at_kill["swa_model"] is not None, "killed before SWA"
 
     resumed = _train(["--resume", str(killed)])
     out, _ = resumed.communicate(timeout=600)
