@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 from longtail.data.datasets import load_cifar, read_idx, read_list_file
 from longtail.errors import LongtailError
 
-FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+# No wall-clock deadline: on a busy 2-core machine a 2 s deadline failed parses that take
+# milliseconds when quiet. Pathological inputs found by the fuzzer (a huge pickle memo) have their
+# own regression tests below, which fail on the error they raise, not on time.
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _write(data: bytes, name: str) -> Path:
