@@ -57,6 +57,17 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def choose_precision(device_type: str, cuda_bf16: bool, cpu_bf16: bool) -> str:
+    """What ``precision=auto`` means: ``bf16`` where the hardware runs it natively (a CUDA GPU
+    with bf16, a CPU with AVX512-BF16 / AMX), ``fp16`` (with a gradient scaler) on other GPUs,
+    else ``fp32``. Other devices (e.g. ``mps``) stay in ``fp32``."""
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16 else "fp16"
+    if device_type == "cpu" and cpu_bf16:
+        return "bf16"
+    return "fp32"
+
+
 def make_runtime(
     device: str = "auto", precision: str = "auto", channels_last: bool = True
 ) -> Runtime:
@@ -76,10 +87,11 @@ def make_runtime(
             )
         torch.cuda.set_device(dev)
     if precision == "auto":
-        if dev.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
+        precision = choose_precision(
+            dev.type,
+            cuda_bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
+            cpu_bf16=dev.type == "cpu" and cpu_supports_bf16(),
+        )
     if precision == "fp16" and dev.type != "cuda":
         raise LongtailError("precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
