@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -38,6 +39,7 @@ RUN = [
     "swa.lr=0.0005",
     "swa.every_steps=1",
     "swa.swag_rank=2",
+    "checkpoint_every_steps=3",  # global step 3 = step 1 of epoch 2: a mid-epoch checkpoint
 ]
 
 
@@ -133,16 +135,40 @@ def test_ddp_sync_bn_matches_single_process_run(tmp_path) -> None:
     for k in ("mean", "sq_mean", "deviations"):
         assert (s1[k] - s2[k]).abs().max().item() < 1e-5, k
 
-    # resume with a different number of processes: the 2-process run from its epoch-1
-    # checkpoint, continued by a single process, ends where the uninterrupted run ended
+    # resume with a different number of processes, mid-epoch and inside SWA: the 2-process run
+    # from its checkpoint after step 1 of epoch 2 (sampler.shard(start=64) on one process),
+    # continued by a single process, ends where the uninterrupted run ended
     for f in ("model_final.pt", "model_swa.pt", "swag.pt", "stage1.json"):
         (two / f).unlink()
     last = list_checkpoints(two)[-1]
     last.unlink()
     Path(f"{last}.sha256").unlink()
+    mid = verified_load(list_checkpoints(two)[-1])
+    assert (mid["epoch"], mid["step_in_epoch"], mid["swag"]["n"]) == (1, 1, 1)
     _longtail("train", "--resume", str(two))
-    assert (
-        _max_diff(verified_load(one / "model_final.pt"), verified_load(two / "model_final.pt"))
-        < 1e-5
-    )
-    assert torch.isfinite(verified_load(two / "swag.pt")["mean"]).all()
+    for name in ("model_final.pt", "model_swa.pt"):
+        assert _max_diff(verified_load(one / name), verified_load(two / name)) < 1e-5, name
+    s2 = verified_load(two / "swag.pt")
+    assert s2["n"] == s1["n"] == 2
+    for k in ("mean", "sq_mean", "deviations"):
+        assert (s1[k] - s2[k]).abs().max().item() < 1e-5, k
+
+
+def test_stage2_under_torchrun_matches_one_process(swa_run, tmp_path) -> None:
+    """Stage 2 on two processes: features sharded and gathered, BatchNorm re-estimated for every
+    SWAG sample on sharded batches and averaged; every method close to the one-process result."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        shutil.copytree(swa_run.dir, d, ignore=shutil.ignore_patterns("features", "results*"))
+    _longtail("classify", str(one), "--method", "all")
+    _torchrun(2, "-m", "longtail", "classify", str(two), "--method", "all")
+    r1 = json.loads((one / "results.json").read_text())["methods"]
+    r2 = json.loads((two / "results.json").read_text())["methods"]
+    assert r1.keys() == r2.keys() and {"srepr", "swag_bma", "crt", "ncm"} <= r1.keys()
+    n_test = 300
+    for m in ("joint", "ncm", "crt", "tau", "lws"):  # same features: same heads
+        assert abs(r1[m]["accuracy"] - r2[m]["accuracy"]) <= 1 / n_test, m
+        assert r1[m]["nll"] == pytest.approx(r2[m]["nll"], rel=1e-3), m
+    for m in ("srepr", "srepr_ce", "swag_bma"):  # BN statistics re-estimated across 2 shards
+        assert abs(r1[m]["accuracy"] - r2[m]["accuracy"]) <= 4 / n_test, m
+        assert r1[m]["nll"] == pytest.approx(r2[m]["nll"], rel=0.05), m
