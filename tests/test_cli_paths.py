@@ -1,16 +1,135 @@
-"""``longtail demo`` / ``sweep`` end to end, the user-error paths of the CLI, Ctrl-C, --weights.
+"""The user-error paths of the CLI, Ctrl-C, --weights.
 
 Every run here uses the tiny digits-LT overrides of test_cli.py (2 epochs, CPU, fp32).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from longtail.classify.heads import LinearHead
+from longtail.config import load_config
+from longtail.fit.bundle import DeployedClassifier, head_spec, save_bundle
+from longtail.fit.images import Preprocessing
 from longtail.models import build_model
-from test_cli import assert_one_line_error, run_main
+from longtail.train import loop
+from longtail.train.checkpoint import list_checkpoints, verified_load
+from longtail.train.loop import Stage1
+from test_cli import TINY_CLI, assert_one_line_error, run_main
+
+SGD_ONLY = [*TINY_CLI, "swa.enabled=false"]
+
+
+# ------------------------------------------------------------------ user errors
+def test_classify_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    line = assert_one_line_error(*run_main(["classify", str(tmp_path)], capsys))
+    assert "is not a stage-1 run directory" in line and str(tmp_path) in line
+
+
+def test_train_needs_a_config_and_an_out_dir(tmp_path, capsys):
+    line = assert_one_line_error(*run_main(["train", "--out", str(tmp_path / "r")], capsys))
+    assert "train needs a CONFIG" in line
+    line = assert_one_line_error(*run_main(["train", "digits_lt"], capsys))
+    assert "train needs --out" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_a_different_out_is_refused(swa_run, tmp_path, capsys):
+    other = tmp_path / "elsewhere"
+    argv = ["train", "--resume", str(swa_run.dir), "--out", str(other)]
+    line = assert_one_line_error(*run_main(argv, capsys))
+    assert "drop --out" in line
+    assert not other.exists()
+
+
+def test_batch_size_must_divide_among_the_processes(tmp_path, capsys, monkeypatch):
+    """A 3-process world (the runtime torchrun would give rank 0) with a global batch of 64.
+    Guards: the divisibility check missing, which would give ranks unequal batches."""
+    real = loop.make_runtime
+
+    def three_ranks(*args, **kwargs):
+        rt = real(*args, **kwargs)
+        rt.world_size = 3
+        return rt
+
+    monkeypatch.setattr(loop, "make_runtime", three_ranks)
+    monkeypatch.setattr(loop, "init_distributed", lambda rt: None)
+    out = tmp_path / "r"
+    argv = ["train", "digits_lt", *TINY_CLI, "optim.batch_size=64", "--out", str(out)]
+    line = assert_one_line_error(*run_main(argv, capsys))
+    assert "optim.batch_size=64" in line and "divisible by the 3 processes" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["tau", "srepr"])
+def test_methods_that_choose_on_validation_need_a_validation_split(
+    swa_run, tmp_path, capsys, method
+):
+    """The shared run classified with ``data.val_per_class=0`` (no validation split)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("config.yaml", "model_swa.pt", "model_swa.pt.sha256", "swag.pt", "swag.pt.sha256"):
+        (run / f).write_bytes((swa_run.dir / f).read_bytes())
+    argv = ["classify", str(run), "data.val_per_class=0", "--method", "joint", method]
+    line = assert_one_line_error(*run_main(argv, capsys))
+    assert f"{method} choose hyper-parameters on a validation split" in line
+    assert "data.val_per_class > 0" in line
+    assert not (run / "results.json").exists()
+
+
+def test_predict_on_a_folder_without_a_bundle(tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(img)
+    line = assert_one_line_error(*run_main(["predict", str(tmp_path), str(img)], capsys))
+    assert "holds no model bundle" in line and "longtail fit" in line
+
+
+def _tiny_bundle(out: Path) -> None:
+    """An untrained 3-class ResNet-32 bundle on 8 px grayscale images (no training needed)."""
+    torch.manual_seed(0)
+    backbone = build_model("resnet32", 3, 1).eval()
+    head = LinearHead.fresh(backbone.feature_dim, 3, seed=0)
+    model = DeployedClassifier(backbone, head, 1.0, (0.5,), (0.25,))
+    prep = Preprocessing(8, 1, 8, (0.5,), (0.25,))
+    spec = {
+        "backbone": "resnet32",
+        "num_classes": 3,
+        "channels": 1,
+        "feature_dim": int(backbone.feature_dim),
+        "head": head_spec(head),
+    }
+    meta = {"classes": ["a", "b", "c"], "preprocessing": prep.to_json(), "temperature": 1.0}
+    save_bundle(out, model, spec, meta, torch.rand(4, 1, 8, 8))
+
+
+def test_predict_top_k_must_be_positive_and_is_capped_by_the_classes(tmp_path, capsys):
+    """Guards: ``--top-k 0`` printing empty rankings instead of an error; a k above the number
+    of classes failing instead of listing every class."""
+    _tiny_bundle(tmp_path / "bundle")
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (8, 8), dtype=np.uint8)).save(img)
+    for k in ("0", "-2"):
+        argv = ["predict", str(tmp_path / "bundle"), str(img), "--top-k", k]
+        line = assert_one_line_error(*run_main(argv, capsys))
+        assert f"--top-k must be >= 1, got {k}" in line
+    code, text, err = run_main(
+        ["predict", str(tmp_path / "bundle"), str(img), "--top-k", "9"], capsys
+    )
+    assert code == 0, err
+    pred = json.loads(text)["predictions"][0]
+    assert sorted(p["label"] for p in pred["top_k"]) == ["a", "b", "c"]
+    assert sum(p["probability"] for p in pred["top_k"]) == pytest.approx(1.0, abs=1e-5)
 
 
 # ------------------------------------------------------------------ --weights
@@ -60,3 +179,47 @@ def test_unusable_weights_files_are_one_line_errors(tmp_path, capsys):
         argv = ["fit", str(tree), "--out", str(tmp_path / f"out{i}"), "--weights", str(path)]
         line = assert_one_line_error(*run_main(argv, capsys))
         assert message in line and str(path) in line
+
+
+# ------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_exits_130_and_leaves_a_resumable_run(tmp_path):
+    """SIGINT to ``longtail train`` once its first checkpoint exists (one is written every
+    step here): exit status 130, the documented one-line note, and a run that ``--resume``
+    opens at the checkpointed step.
+    Guards: a traceback / status 1 on Ctrl-C, or a half-written checkpoint."""
+    exe = Path(sys.executable).with_name("longtail")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "longtail"]
+    run = tmp_path / "run"
+    overrides = [o for o in SGD_ONLY if not o.startswith("optim.epochs=")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LONGTAIL_PROGRESS": "0"}
+    p = subprocess.Popen(
+        [*cmd, "train", "digits_lt", *overrides, "optim.epochs=50", "checkpoint_every_steps=1"]
+        + ["--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(run.glob("ckpt-*.pt.sha256")):
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "longtail: interrupted; the last checkpoint is intact (use --resume)"
+    )
+    assert not (run / "model_final.pt").exists()
+    newest = list_checkpoints(run)[-1]
+    state = verified_load(newest)  # checksum matches: not half-written
+    assert state["global_step"] >= 1
+    resumed = Stage1(load_config(run / "config.yaml"), run, resume=True)
+    assert (resumed.epoch, resumed.global_step) == (state["epoch"], state["global_step"])
+    assert resumed.epoch < 50
