@@ -1,4 +1,4 @@
-"""The user-error paths of the CLI, Ctrl-C, --weights.
+"""``longtail demo`` / ``sweep`` end to end, the user-error paths of the CLI, Ctrl-C, --weights.
 
 Every run here uses the tiny digits-LT overrides of test_cli.py (2 epochs, CPU, fp32).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -20,15 +21,89 @@ from PIL import Image
 
 from longtail.classify.heads import LinearHead
 from longtail.config import load_config
+from longtail.evaluate import report
 from longtail.fit.bundle import DeployedClassifier, head_spec, save_bundle
 from longtail.fit.images import Preprocessing
 from longtail.models import build_model
+from longtail.sweep import run_seed
 from longtail.train import loop
 from longtail.train.checkpoint import list_checkpoints, verified_load
 from longtail.train.loop import Stage1
 from test_cli import TINY_CLI, assert_one_line_error, run_main
 
 SGD_ONLY = [*TINY_CLI, "swa.enabled=false"]
+
+
+# ------------------------------------------------------------------ demo
+def test_demo_restarts_a_stopped_demo_then_reuses_a_finished_one(tmp_path, capsys, monkeypatch):
+    """A demo folder stopped before its first checkpoint (config.yaml, no checkpoint) is
+    removed and trained again; a finished demo keeps stage 1 and reruns stage 2 only; a
+    finished stage 1 whose final model is missing resumes instead of retraining. Guards: the
+    rmtree branch firing on a finished or resumable demo, or not firing on a stale one
+    (which would fail with "already holds a training run")."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "config.yaml").write_text("stale: true\n")
+    (out / "leftover.txt").write_text("from the stopped demo\n")
+    code, text, err = run_main(["demo", *TINY_CLI, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert not (out / "leftover.txt").exists()
+    assert "stage 1: ResNet-32 on digits-LT" in text
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"])[:6] == ["joint", "ncm", "crt", "tau", "lws", "srepr"]
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in text
+    assert load_config(out / "config.yaml").optim.epochs == 2  # the overrides reached stage 1
+
+    # the branches below rerun stage 2 as above; the report itself was checked just now
+    reports: list[list[Path]] = []
+    monkeypatch.setattr(report, "write_report", lambda runs: reports.append(runs) or (None, None))
+    final = out / "model_final.pt"
+    stamp = final.stat().st_mtime_ns
+    code, text, err = run_main(["demo", *TINY_CLI, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "stage 1:" not in text and "stage 2:" in text
+    assert final.stat().st_mtime_ns == stamp  # not retrained
+    assert list_checkpoints(out)
+
+    final.unlink()  # as if stopped after the last checkpoint, before saving the model
+    ckpts = list_checkpoints(out)
+    code, text, err = run_main(["demo", *TINY_CLI, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert final.is_file() and list_checkpoints(out) == ckpts  # resumed at the end, no epoch
+    assert "stage 1:" in text
+    assert reports == [[out], [out]]
+
+
+# ------------------------------------------------------------------ sweep
+def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
+    """Two seeds, joint + NCM: ``summary.json`` holds the mean and sample std of the per-seed
+    results files, for the SWA features and the final SGD model's; a finished seed is not
+    trained again. Guards: a wrong mean / std (population std, one seed only), the
+    SGD-feature table missing, stage 1 retrained for a seed that is done."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "digits_lt", *TINY_CLI, "--seeds", "0", "1", "--out", str(out)]
+    code, text, err = run_main([*argv, "--method", "joint", "ncm"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    for key, name in (("swa_features", "results.json"), ("sgd_features", "results-final.json")):
+        per_seed = [json.loads((out / f"seed{s}" / name).read_text()) for s in (0, 1)]
+        assert per_seed[0]["methods"]["joint"] != per_seed[1]["methods"]["joint"]
+        for method in ("joint", "ncm"):
+            for metric in ("accuracy", "nll", "few"):
+                vals = [r["methods"][method][metric] for r in per_seed]
+                got = summary[key][method]
+                assert got[metric] == pytest.approx(np.mean(vals), rel=1e-12)
+                assert got[f"{metric}_std"] == pytest.approx(statistics.stdev(vals), rel=1e-9)
+                assert got["n"] == 2
+    assert load_config(out / "seed1" / "config.yaml").seed == 1
+    assert "stage 2 on the final SGD model's features" in text
+    assert (out / "report.html").is_file()
+    stamp = (out / "seed0" / "model_final.pt").stat().st_mtime_ns
+    logs: list[str] = []
+    assert run_seed("digits_lt", 0, out, TINY_CLI, False, logs.append) == out / "seed0"
+    assert logs == [f"seed 0: stage 1 already done in {out / 'seed0'}"]
+    assert (out / "seed0" / "model_final.pt").stat().st_mtime_ns == stamp
 
 
 # ------------------------------------------------------------------ user errors
