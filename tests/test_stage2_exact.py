@@ -291,6 +291,23 @@ def test_srepr_alpha_is_chosen_by_validation_nll(run_copy):
         assert r["val_nll"] == pytest.approx(by_hand[r["alpha"]], rel=1e-4)
     assert info["alpha"] == 0.3
     assert out["methods"]["srepr"]["val"]["nll"] == pytest.approx(by_hand[0.3], rel=1e-4)
+    # swag_bma is the chosen head averaged over the test banks (not over the SWA features)
+    zt, yt = feats["test"]
+    bma = _np(bma_logits(res.heads["srepr"], banks["test"][0]))
+    assert out["methods"]["swag_bma"]["nll"] == pytest.approx(_nll(bma, yt.numpy()), rel=1e-4)
+    plain = _nll(_np(res.heads["srepr"](zt)), yt.numpy())
+    assert abs(out["methods"]["swag_bma"]["nll"] - plain) > 1e-3
+
+
+def test_ncm_metric_option_reaches_the_stage2_head(run_copy):
+    """``stage2.ncm_metric=cosine`` through ``Stage2.run``: the head scores by cosine
+    similarity to the normalised centroids. Guards: the option not passed to ``M.ncm``."""
+    s = Stage2(run_copy, ["stage2.ncm_metric=cosine"], log=QUIET)
+    s.run(["ncm"])
+    feats = s.features()
+    (ztr, ytr), (zt, _) = feats["train"], feats["test"]
+    _, _, _, cosine = _ncm_by_hand(_np(ztr), ytr.numpy(), 10, _np(zt))
+    np.testing.assert_allclose(_np(s.heads["ncm"](zt)), cosine, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ fit's choice
