@@ -188,6 +188,18 @@ def _tiny_bundle(out: Path) -> None:
     save_bundle(out, model, spec, meta, torch.rand(4, 1, 8, 8))
 
 
+def test_predict_on_a_bundle_whose_weights_are_not_a_torch_file(tmp_path, capsys):
+    """model.pt replaced by text (and no checksum beside it). Guards: torch.load's multi-line
+    message printed as the error (the CLI promises one line)."""
+    _tiny_bundle(tmp_path / "bundle")
+    (tmp_path / "bundle" / "model.pt").write_text("not weights\n")
+    (tmp_path / "bundle" / "model.pt.sha256").unlink()
+    img = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(img)
+    line = assert_one_line_error(*run_main(["predict", str(tmp_path), str(img)], capsys))
+    assert "model.pt' cannot be read" in line
+
+
 def test_predict_top_k_must_be_positive_and_is_capped_by_the_classes(tmp_path, capsys):
     """Guards: ``--top-k 0`` printing empty rankings instead of an error; a k above the number
     of classes failing instead of listing every class."""
