@@ -134,7 +134,9 @@ def _load_weights(path: Path) -> dict:
     try:
         saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise LongtailError(f"{str(path)!r} cannot be read: {e}") from e
+        # user errors are one line: torch.load's messages run over several
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LongtailError(f"{str(path)!r} cannot be read: {why}") from e
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise LongtailError(f"{str(path)!r} is not a {FORMAT} weights file")
     return saved

@@ -79,7 +79,9 @@ def infer_torchvision_arch(weights_path: str) -> str:
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-        raise LongtailError(f"--weights {weights_path!r}: not a readable state dict ({e})") from e
+        # user errors are one line: torch.load's messages run over several
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LongtailError(f"--weights {weights_path!r}: not a readable state dict ({why})") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or "conv1.weight" not in state:
