@@ -51,7 +51,7 @@ def through_kernel(x, weight, dy, stride=1, memory_format=torch.contiguous_forma
     conv = make_conv(weight, stride, memory_format)
     x = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv_fn(conv, x)
+        y = conv_fn(conv, x, "on")
     y.backward(dy)
     return y, x.grad, conv.weight.grad
 
@@ -101,7 +101,7 @@ def test_no_input_gradient_when_not_needed(lib):
     x, dy, weight = bf16_data(2, 16, 16, 6, 6)
     conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv_fn(conv, x)
+        y = conv_fn(conv, x, "on")
     assert y.grad_fn is not None and "Conv3x3" in type(y.grad_fn).__name__
     y.backward(dy)
     assert conv.weight.grad is not None and x.grad is None
@@ -120,11 +120,11 @@ def test_anything_else_is_plain_conv2d(case):
         x = x.bfloat16()
     if case != "nchw":
         x = x.contiguous(memory_format=CL)
-    fast = case != "fast off"
+    mode = "off" if case == "fast off" else "on"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
         if case == "no autocast":
             conv = conv.bfloat16()
-        y = conv_fn(conv, x, fast)
+        y = conv_fn(conv, x, mode)
         expected = conv(x)
     assert "Conv3x3" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
@@ -142,12 +142,12 @@ def test_resnet32_training_step_same_as_onednn(lib):
     x = torch.randn(32, 3, 32, 32).contiguous(memory_format=CL)
     target = torch.randint(0, 10, (32,))
     ref = copy.deepcopy(base).double()
-    ref.fused_bn = ref.fast_conv = False
+    ref.kernels = "off"
     F.cross_entropy(ref(x.double()), target).backward()
 
     def step(fast: bool) -> tuple[float, nn.Module]:
         model = copy.deepcopy(base)
-        model.fast_conv = fast
+        model.kernels = {"fused_bn": "on", "conv3x3": "on" if fast else "off"}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), target)
         loss.backward()
@@ -155,7 +155,7 @@ def test_resnet32_training_step_same_as_onednn(lib):
 
     (loss_a, a), (loss_b, b) = step(True), step(False)
     assert abs(loss_a - loss_b) < 1e-2 * abs(loss_b)
-    assert a.fast_conv and not any(getattr(m, "fast_conv", False) for m in b.modules())
+    assert a.kernels == "on" and b.kernels == {"fused_bn": "on", "conv3x3": "off"}
     for (name, p), q, r in zip(a.named_parameters(), b.parameters(), ref.parameters(), strict=True):
         if p.dim() == 4:
             err_fast = float((p.grad.double() - r.grad).norm() / r.grad.norm())
@@ -184,7 +184,7 @@ def test_fork_sums_both_branch_gradients_in_the_kernel(lib, use):
     conv = make_conv(weight)
     xg = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, r = conv3x3.conv3x3_fork(conv, xg)
+        y, r = conv3x3.conv3x3_fork(conv, xg, "on")
     assert "Fork" in type(y.grad_fn).__name__ and r.data_ptr() == xg.data_ptr()
     torch.testing.assert_close(r, x, rtol=0, atol=0)
     outputs = {"both": [y, r], "conv only": [y], "identity only": [r]}[use]
@@ -216,4 +216,4 @@ def test_zero_width_image_gets_pytorchs_error_not_a_crash():
     conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
     x = torch.randn(2, 16, 1, 0).bfloat16().contiguous(memory_format=CL)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="Kernel"):
-        conv_fn(conv, x)
+        conv_fn(conv, x, "on")
