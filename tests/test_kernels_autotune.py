@@ -212,3 +212,22 @@ def test_nn_module_bn_is_not_timed_for_shapes_the_kernel_does_not_cover():
     bn = nn.BatchNorm2d(8)  # channels not a multiple of 16
     fused_bn.bn_relu(bn, torch.randn(2, 8, 4, 4).contiguous(memory_format=CL))
     assert not calls and not autotune.used()
+
+
+def test_stage1_records_the_choices_in_run_json(tmp_path):
+    """A kernels=auto run decides (rank 0, one step of a copy) before training and writes every
+    choice with both timings to run.json."""
+    from longtail.config import load_config
+    from longtail.train.loop import Stage1, read_run_info
+
+    autotune.use_timer(scripted({"kernel": 2.0, "pytorch": 1.0}, []))
+    overrides = ["device=cpu", "precision=fp32", "optim.epochs=1", "swa.enabled=false"]
+    stage = Stage1(load_config("digits_lt", [*overrides, "kernels=auto"]), tmp_path / "run")
+    info = read_run_info(tmp_path / "run")
+    assert info["kernels"] == "auto"
+    choices = info["kernel_choices"]
+    assert choices and all(k.startswith("fused_bn|") for k in choices)
+    assert all(v == {"choice": "pytorch", "seconds": {"kernel": 2.0, "pytorch": 1.0}}
+               for v in choices.values())  # fmt: skip
+    bs = stage.loaders["train"].batch_size
+    assert all(f"|{bs}x" in k for k in choices)  # the real per-process batch shape
