@@ -25,24 +25,11 @@ from PIL import Image
 from longtail.data.datasets import ImageDataset
 from longtail.data.loader import BatchLoader
 from longtail.models import build_model
+from longtail.models.doctor import matmul_peak
 from longtail.train.runtime import make_runtime
 
 GFLOP_PER_IMAGE = 0.41
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def matmul_peak(dtype=torch.bfloat16, n: int = 2048, reps: int = 20) -> float:
-    """Best sustained GFLOP/s of an n x n matmul in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 class PILDataset(torch.utils.data.Dataset):

@@ -85,9 +85,19 @@ def test_choose_needs_the_pytorch_baseline():
 
 def test_wall_clock_timer_measures_real_work():
     x = torch.randn(256, 256)
-    slow = autotune.time_call("slow", lambda: [x @ x for _ in range(20)], seconds=0.02)
-    fast = autotune.time_call("fast", lambda: x @ x, seconds=0.02)
-    assert 0 < fast < slow
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        return [x @ x for _ in range(20)]
+
+    def fast():
+        calls["fast"] += 1
+        return x @ x
+
+    seconds = autotune.time_interleaved({"slow": slow, "fast": fast}, seconds=0.02)
+    assert 0 < seconds["fast"] < seconds["slow"]
+    assert calls["slow"] == calls["fast"] >= 4  # one warm-up, then in turn, at least 3 rounds
 
 
 def test_decisions_persist_in_the_machine_cache_file(tmp_path, monkeypatch):

@@ -130,14 +130,25 @@ def full_key(key: str) -> str:
 
 def time_call(name: str, fn: Callable[[], object], seconds: float = SECONDS) -> float:
     """Seconds per call of ``fn``: one warm-up call, then the median of calls for ``seconds``."""
-    fn()
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < end:
-        t0 = time.perf_counter()
+    return time_interleaved({name: fn}, seconds)[name]
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], seconds: float = SECONDS
+) -> dict[str, float]:
+    """Seconds per call of each candidate, the median of rounds that call each in turn (one
+    warm-up round first) until ``seconds`` per candidate are spent: a slow spell of a shared
+    machine then slows all of them, not only the one timed during it."""
+    for fn in candidates.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    end = time.perf_counter() + seconds * len(candidates)
+    while min(len(t) for t in times.values()) < 3 or time.perf_counter() < end:
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def choose(
@@ -150,7 +161,7 @@ def choose(
 
     ``candidates`` maps names to zero-argument callables doing the same work on the real
     tensors, without side effects; one must be ``"pytorch"``. A cached decision is returned as
-    is; otherwise each is timed by ``timer`` (default :func:`time_call`), and the fastest
+    is; otherwise each is timed by ``timer`` (default: :func:`time_interleaved`), and the fastest
     non-baseline candidate wins only if its time is below ``(1 - margin)`` of the baseline's.
     """
     if BASELINE not in candidates:
@@ -163,8 +174,11 @@ def choose(
         _load()
         if k in _decisions and _decisions[k].choice in candidates:
             return _decisions[k].choice
-    timer = timer or _timer or time_call
-    seconds = {name: float(timer(name, fn)) for name, fn in candidates.items()}
+    timer = timer or _timer
+    if timer is None:
+        seconds = time_interleaved(candidates)
+    else:
+        seconds = {name: float(timer(name, fn)) for name, fn in candidates.items()}
     best = min((n for n in seconds if n != BASELINE), key=seconds.__getitem__, default=BASELINE)
     choice = best if seconds[best] < (1 - margin) * seconds[BASELINE] else BASELINE
     with _lock:
