@@ -241,3 +241,20 @@ def test_stage1_records_the_choices_in_run_json(tmp_path):
                for v in choices.values())  # fmt: skip
     bs = stage.loaders["train"].batch_size
     assert all(f"|{bs}x" in k for k in choices)  # the real per-process batch shape
+
+
+@pytest.mark.parametrize("kernel_faster", [False, True])
+def test_torch_compile_sees_the_op_the_autotune_chose(kernel_faster):
+    """Traced by torch.compile (dynamo), the model is one graph with no break, holding the fused
+    BatchNorm custom op at every layer where the eager autotune chose it, and nowhere else."""
+    assert fused_bn.load_kernel() is not None, "the fused BatchNorm kernel failed to build"
+    seconds = {"kernel": 1.0, "pytorch": 2.0} if kernel_faster else {"kernel": 2.0, "pytorch": 1.0}
+    autotune.use_timer(scripted(seconds, []))
+    model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=CL)
+    autotune.tune_model(model, x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    ops = [n for n in explained.graphs[0].graph.nodes if "bn_relu_forward" in str(n.target)]
+    assert len(ops) == (31 if kernel_faster else 0)

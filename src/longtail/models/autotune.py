@@ -58,6 +58,8 @@ _decisions: dict[str, Decision] = {}
 _loaded_from: Path | None = None
 _timer: Timer | None = None  # set by tests (use_timer) to decide without wall-clock noise
 _used: set[str] = set()  # full keys asked for by this process
+_latest: dict[str, str] = {}  # key -> choice at this process's thread count (a plain dict
+# that torch.compile can read while tracing; see lookup)
 _recorders: list[set[str]] = []  # open tune_model() calls collecting the keys they meet
 
 
@@ -173,6 +175,7 @@ def choose(
             met.add(k)
         _load()
         if k in _decisions and _decisions[k].choice in candidates:
+            _latest[key] = _decisions[k].choice
             return _decisions[k].choice
     timer = timer or _timer
     if timer is None:
@@ -183,14 +186,15 @@ def choose(
     choice = best if seconds[best] < (1 - margin) * seconds[BASELINE] else BASELINE
     with _lock:
         _decisions[k] = Decision(choice, seconds)
+        _latest[key] = choice
         _save()
     return choice
 
 
 def lookup(key: str) -> str | None:
-    """The decided candidate for ``key`` without timing anything (``None``: not decided yet)."""
-    d = _decisions.get(full_key(key))
-    return None if d is None else d.choice
+    """The candidate decided for ``key`` in this process (by :func:`choose` or :func:`install`),
+    without timing anything; ``None``: not decided yet. Traceable by ``torch.compile``."""
+    return _latest.get(key)
 
 
 def decisions() -> dict[str, Decision]:
@@ -202,9 +206,13 @@ def decisions() -> dict[str, Decision]:
 
 def install(table: dict[str, Decision]) -> None:
     """Adopt decisions made elsewhere (rank 0), replacing this process's for the same keys."""
+    threads = f"|threads={torch.get_num_threads()}"
     with _lock:
         _load()
         _decisions.update(table)
+        for k, d in table.items():
+            if k.endswith(threads):
+                _latest[k.removesuffix(threads)] = d.choice
 
 
 def forget() -> None:
@@ -212,6 +220,7 @@ def forget() -> None:
     global _loaded_from
     with _lock:
         _decisions.clear()
+        _latest.clear()
         _loaded_from = None
 
 

@@ -343,7 +343,7 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and x.is_contiguous(memory_format=_CL)
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and load_kernel() is not None
+        and kernels.ready(NAME, load_kernel)
     )
 
 

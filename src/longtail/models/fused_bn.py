@@ -175,7 +175,7 @@ def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> b
         and x.shape[0] * x.shape[2] * x.shape[3] > 1  # else PyTorch's error or empty result
         and x.is_contiguous(memory_format=CL)
         and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
-        and load_kernel() is not None
+        and kernels.ready(NAME, load_kernel)
     )
 
 

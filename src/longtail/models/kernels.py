@@ -134,6 +134,14 @@ def load(
     return _libs.get(name)
 
 
+def ready(name: str, load_it: Callable[[], ctypes.CDLL | None]) -> bool:
+    """Whether kernel ``name`` can run: built on first call (``load_it``) in eager mode; while
+    ``torch.compile`` traces, only a look-up (the build's lock and ctypes are not traceable)."""
+    if torch.compiler.is_compiling():
+        return name in _libs
+    return load_it() is not None
+
+
 def status(name: str) -> str:
     """``"loaded"``, ``"not built yet"``, or why :func:`load` returned ``None`` for ``name``."""
     if name in _libs:
