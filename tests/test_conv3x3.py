@@ -217,3 +217,55 @@ def test_zero_width_image_gets_pytorchs_error_not_a_crash():
     x = torch.randn(2, 16, 1, 0).bfloat16().contiguous(memory_format=CL)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="Kernel"):
         conv_fn(conv, x, "on")
+
+
+@pytest.mark.parametrize("kernel_faster", [False, True])
+def test_auto_runs_each_pass_where_the_timer_ranks_it_first(
+    lib, monkeypatch, tmp_path, kernel_faster
+):
+    """ResNet-32 under kernels=auto and bf16 autocast, an injected timer: every convolution pass
+    (forward, input gradient, weight gradient, per shape) is timed on real tensors, and the
+    kernel runs only where it was ranked faster; the training step's loss is the same."""
+    from longtail.models import autotune
+
+    monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path))
+    autotune.forget()
+    timed: list[str] = []
+
+    def timer(name, fn):
+        fn()
+        timed.append(name)
+        return (
+            {"kernel": 1.0, "pytorch": 2.0}[name]
+            if kernel_faster
+            else {"kernel": 2.0, "pytorch": 1.0}[name]
+        )
+
+    calls: list[int] = []  # every kernel pass fetches the library through _lib()
+    real_lib = conv3x3._lib
+    monkeypatch.setattr(conv3x3, "_lib", lambda: calls.append(1) or real_lib())
+    autotune.use_timer(timer)
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
+        ref = copy.deepcopy(model)
+        ref.kernels = {"conv3x3": "off", "fused_bn": "auto"}
+        x = torch.randn(8, 3, 16, 16).contiguous(memory_format=CL)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            table = autotune.tune_model(model, x)
+        passes = {k.split("|")[0] for k in table if k.startswith("conv3x3.")}
+        assert passes == {"conv3x3.forward", "conv3x3.input_grad", "conv3x3.weight_grad"}
+        conv_keys = [k for k in table if k.startswith("conv3x3.")]
+        assert {table[k].choice for k in conv_keys} == {"kernel" if kernel_faster else "pytorch"}
+        calls.clear()
+        losses = []
+        for m in (model, ref):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(x).float(), torch.arange(8))
+            loss.backward()
+            losses.append(loss.item())
+        assert bool(calls) == kernel_faster
+        assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[1])
+    finally:
+        autotune.use_timer(None)
+        autotune.forget()
