@@ -230,8 +230,8 @@ class Stage1:
         training step of a copy of the model at the real batch shape (cached per machine, so
         usually instant); every rank adopts rank 0's decisions. Returns them for run.json."""
         mode = autotune.resolve_mode(self.cfg.kernels)
-        if mode != "auto" or getattr(self.model, "kernels", None) is None:
-            return {}
+        if mode != "auto" or self.rt.device.type != "cpu" or not hasattr(self.model, "kernels"):
+            return {}  # the C kernels are CPU-only, and only CifarResNet has them
         table: dict[str, autotune.Decision] = {}
         if self.rt.is_main:
             bs = min(self.loaders["train"].batch_size, len(self.splits.train))
