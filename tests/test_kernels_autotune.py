@@ -210,7 +210,10 @@ def test_tune_model_leaves_the_model_untouched():
     autotune.use_timer(scripted({"kernel": 1.0, "pytorch": 2.0}, []))
     model = build_model("resnet32", 10).to(memory_format=CL).train()
     before = copy.deepcopy(model.state_dict())
-    autotune.tune_model(model, torch.randn(4, 3, 8, 8).contiguous(memory_format=CL))
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=CL)
+    rng = torch.get_rng_state()
+    assert autotune.tune_model(model, x)  # decided something
+    assert torch.equal(torch.get_rng_state(), rng)  # a cached decision must not change a run
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
