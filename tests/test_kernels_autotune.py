@@ -33,12 +33,13 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 def scripted(seconds: dict[str, float], calls: list[str]):
-    """A timer that runs each candidate once (real work) and reports the given seconds."""
+    """A timer that runs each candidate once (real work) and reports the given seconds; a whole
+    step with the chosen kernels (``"kernels"``) gets the kernel's unless given."""
 
     def timer(name, fn):
         fn()
         calls.append(name)
-        return seconds[name]
+        return seconds[name] if name != autotune.STEP else seconds.get(name, seconds["kernel"])
 
     return timer
 
@@ -196,14 +197,34 @@ def test_model_under_auto_uses_the_op_the_timer_ranks_first(monkeypatch, kernel_
     bn_keys = [k for k in table if k.startswith("fused_bn|")]
     assert len(bn_keys) == 6  # 16/32/64 channels, with and without the residual
     assert {table[k].choice for k in bn_keys} == {"kernel" if kernel_faster else "pytorch"}
-    assert len(timed) == 2 * len(bn_keys)
+    step_keys = [k for k in table if k.startswith("step|")]
+    assert len(step_keys) == (1 if kernel_faster else 0)  # the whole step checked too
+    assert len(timed) == 2 * (len(bn_keys) + len(step_keys))
+    assert not autotune.apply_step_verdict(model, table)
     calls.clear()
     for m in (model, ref):
         F.cross_entropy(m(x), torch.arange(8)).backward()
     assert (len(calls) == 31) if kernel_faster else not calls  # every BN layer, or none
-    assert len(timed) == 2 * len(bn_keys)  # decided once
+    assert len(timed) == 2 * (len(bn_keys) + len(step_keys))  # decided once
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_step_slower_with_the_kernels_turns_them_off(monkeypatch):
+    """Every pass timed faster in the kernel, but the whole step slower (as when two OpenMP
+    runtimes take turns): the model ends with kernels off and runs PyTorch's ops only."""
+    calls = _counting(monkeypatch)
+    autotune.use_timer(scripted({"kernel": 1.0, "pytorch": 2.0, autotune.STEP: 3.0}, []))
+    model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=CL)
+    table = autotune.tune_model(model, x)
+    (step,) = [d for k, d in table.items() if k.startswith("step|")]
+    assert step.choice == "pytorch" and step.seconds == {"kernels": 3.0, "pytorch": 2.0}
+    assert any(d.choice == "kernel" for d in table.values())  # the passes alone did win
+    assert autotune.apply_step_verdict(model, table) and model.kernels == "off"
+    calls.clear()
+    F.cross_entropy(model(x), torch.arange(8)).backward()
+    assert not calls
 
 
 def test_tune_model_leaves_the_model_untouched():

@@ -243,29 +243,64 @@ def broadcast(table: dict[str, Decision], src: int = 0) -> dict[str, Decision]:
     return table
 
 
+STEP = "kernels"  # the candidate name of a whole step with the per-pass choices
+
+
 def tune_model(
     model: nn.Module,
     example: torch.Tensor,
     autocast: AbstractContextManager | None = None,
 ) -> dict[str, Decision]:
-    """Decide every kernel pass ``model`` meets in one training step on ``example``.
+    """Decide every kernel pass ``model`` meets in one training step on ``example``, then
+    check the step as a whole.
 
     ``example``: an input batch ``(B, C, H, W)`` of the real shape, dtype and layout. The step
-    (forward, backward of the logits' sum) runs on a deep copy in training mode, so ``model``'s
-    weights, gradients and BatchNorm statistics are untouched. Returns the decisions made or
-    found for the keys met (by full key).
+    (forward, backward of the logits' sum) runs on deep copies in training mode, so ``model``'s
+    weights, gradients and BatchNorm statistics are untouched. If some pass chose a kernel, a
+    whole step with those choices (candidate ``"kernels"``) is timed against one with
+    ``kernels="off"`` (``"pytorch"``): passes timed alone can each win while the step loses (e.g.
+    two OpenMP runtimes taking turns). Returns the decisions met, by full key; apply the step's
+    verdict with :func:`apply_step_verdict`.
     """
     met: set[str] = set()
     _recorders.append(met)
     try:
-        twin = copy.deepcopy(model).train()
-        with autocast or nullcontext():
-            out = twin(example.detach().clone())
-        out.float().sum().backward()
+        step = _step(copy.deepcopy(model), example, autocast)
+        step()
+        table = decisions()
+        if any(table[k].choice != BASELINE for k in met) and hasattr(model, "kernels"):
+            plain = copy.deepcopy(model)
+            plain.kernels = "off"
+            key = f"step|{type(model).__name__}|{'x'.join(map(str, example.shape))}"
+            key += f"|{str(example.dtype)[6:]}|autocast={int(autocast is not None)}"
+            choose(key, {STEP: step, BASELINE: _step(plain, example, autocast)})
     finally:
         _recorders.remove(met)
     table = decisions()
     return {k: table[k] for k in sorted(met)}
+
+
+def _step(model: nn.Module, example: torch.Tensor, autocast) -> Callable[[], None]:
+    """One forward + backward of ``model`` (a copy, in training mode) on ``example``."""
+    model.train()
+    x = example.detach().clone()
+
+    def run() -> None:
+        with autocast or nullcontext():
+            out = model(x)
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def apply_step_verdict(model: nn.Module, table: dict[str, Decision]) -> bool:
+    """Turn ``model``'s kernels off if ``table`` (from :func:`tune_model`) holds a whole-step
+    check that PyTorch's ops won; returns whether it did."""
+    lost = any(k.startswith("step|") and d.choice == BASELINE for k, d in table.items())
+    if lost:
+        model.kernels = "off"
+    return lost
 
 
 def used() -> dict[str, Decision]:

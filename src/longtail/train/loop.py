@@ -241,6 +241,7 @@ class Stage1:
             x, _ = next(iter(probe.batches(np.arange(bs))))
             table = autotune.tune_model(self.model, x, self.rt.autocast())
         table = autotune.broadcast(table)
+        autotune.apply_step_verdict(self.model, table)  # all ranks: the same table
         return {k: asdict(v) for k, v in table.items()}
 
     # ------------------------------------------------------------------ bookkeeping
