@@ -89,6 +89,8 @@ def tune_report(
     for key, d in table.items():
         times = ", ".join(f"{n} {1e3 * s:.3f} ms" for n, s in sorted(d.seconds.items()))
         lines.append(f"  {key}: {d.choice:<7} ({times})")
+    if autotune.apply_step_verdict(model, table):
+        lines.append("  => kernels off at this shape: the whole step is faster with PyTorch's ops")
     return lines
 
 
