@@ -51,8 +51,7 @@ def make_step(
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model("resnet32", 10).to(memory_format=fmt)
-    model.fused_bn = fused
-    model.fast_conv = fast_conv
+    model.kernels = {"fused_bn": "on" if fused else "off", "conv3x3": "on" if fast_conv else "off"}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     net = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
@@ -149,7 +148,7 @@ def bn_relu_ms(channels: int, side: int, reps: int = 30) -> dict[str, float]:
         z.backward(g)
         t3 = time.perf_counter()
         x.grad = None
-        z = bn_relu(bn, x)
+        z = bn_relu(bn, x, kernels="on")
         t4 = time.perf_counter()
         z.backward(g)
         t5 = time.perf_counter()

@@ -6,9 +6,12 @@ Both loops train ResNet-32 on the same random 32x32x3 uint8 data, batch 128, SGD
 Reference: torchvision Dataset with per-sample PIL RandomCrop(32, 4) / RandomHorizontalFlip /
 ToTensor / Normalize, DataLoader with 2 workers, NCHW fp32 (as LDAM-DRW / classifier-balancing).
 longtail: uint8 tensor in memory, whole-batch crop + flip, channels_last, bf16 autocast when the
-CPU has native bf16. Also measures the machine's bf16 matmul peak in the same run and reports the
-step's share of it (ResNet-32: 0.41 GFLOP per training image, forward + backward).
-The last line is ``speedup <ratio>``.
+CPU has native bf16, C kernels under ``kernels=auto`` (each pass where timed faster here).
+Plain PyTorch: the same loop with ``kernels=off`` (no custom kernels), to check longtail is never
+slower than PyTorch itself. Also measures the machine's bf16 matmul peak (fp32 where bf16 is not
+native) in the same run and reports the step's share of it (ResNet-32: 0.41 GFLOP per training
+image, forward + backward). Prints the CPU model and flags first; the last two lines are
+``vs plain pytorch <ratio>`` and ``speedup <ratio>`` (longtail / reference).
 """
 
 from __future__ import annotations
@@ -24,25 +27,12 @@ from PIL import Image
 
 from longtail.data.datasets import ImageDataset
 from longtail.data.loader import BatchLoader
-from longtail.models import build_model
-from longtail.train.runtime import make_runtime
+from longtail.models import autotune, build_model
+from longtail.models.doctor import cpu_report, matmul_peak
+from longtail.train.runtime import cpu_supports_bf16, make_runtime
 
 GFLOP_PER_IMAGE = 0.41
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def matmul_peak(dtype=torch.bfloat16, n: int = 2048, reps: int = 20) -> float:
-    """Best sustained GFLOP/s of an n x n matmul in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -102,14 +92,17 @@ def reference_rate(images, labels, steps: int, bs: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def longtail_rate(images, labels, steps: int, bs: int) -> tuple[float, str]:
+def longtail_rate(images, labels, steps: int, bs: int, kernels: str) -> tuple[float, str]:
     rt = make_runtime("cpu", "auto", channels_last=True)
     x_u8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ds = ImageDataset(
         labels=labels, classes=[str(i) for i in range(10)], images=x_u8, mean=MEAN, std=STD
     )
     loader = BatchLoader(ds, bs, rt.device, train=True, padding=4, channels_last=True)
-    model = build_model("resnet32", 10).to(memory_format=torch.channels_last)
+    model = build_model("resnet32", 10, kernels=kernels).to(memory_format=torch.channels_last)
+    if kernels == "auto":  # as stage 1 does: per pass, then the whole step (cached per machine)
+        example = torch.randn(bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        autotune.apply_step_verdict(model, autotune.tune_model(model, example, rt.autocast()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     model.train()
     rng = np.random.default_rng(0)
@@ -137,25 +130,37 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (a.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, a.images).astype(np.int64)
+    print("\n".join(cpu_report()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    peaks, refs, ours_all = [], [], []
-    for trial in range(a.repeats):  # interleaved, so a slow spell of the machine hits both
-        peaks.append(matmul_peak())
-        refs.append(reference_rate(images, labels, a.steps, a.batch_size))
-        rate, precision = longtail_rate(images, labels, a.steps, a.batch_size)
-        ours_all.append(rate)
+    bf16 = cpu_supports_bf16()  # emulated bf16 matmuls would take minutes: fp32 peak then
+    peak_args = (torch.bfloat16, 2048, 20) if bf16 else (torch.float32, 1024, 5)
+    rates: dict[str, list[float]] = {"peak": [], "reference": [], "plain": [], "longtail": []}
+    for trial in range(a.repeats):  # interleaved, so a slow spell of the machine hits all
+        rates["peak"].append(matmul_peak(*peak_args))
+        rates["reference"].append(reference_rate(images, labels, a.steps, a.batch_size))
+        rate, precision = longtail_rate(images, labels, a.steps, a.batch_size, "off")
+        rates["plain"].append(rate)
+        rate, precision = longtail_rate(images, labels, a.steps, a.batch_size, "auto")
+        rates["longtail"].append(rate)
         print(
-            f"trial {trial + 1}: peak {peaks[-1]:.1f} GFLOP/s, reference {refs[-1]:.1f} img/s, "
+            f"trial {trial + 1}: peak {rates['peak'][-1]:.1f} GFLOP/s, reference "
+            f"{rates['reference'][-1]:.1f} img/s, plain pytorch {rates['plain'][-1]:.1f} img/s, "
             f"longtail {rate:.1f} img/s"
         )
-    peak, ref, ours = (statistics.median(v) for v in (peaks, refs, ours_all))
-    print(f"bf16 matmul peak: {peak:.1f} GFLOP/s (median of {a.repeats})")
+    peak, ref, plain, ours = (statistics.median(rates[k]) for k in rates)
+    dtype = str(peak_args[0])[6:]
+    print(f"{dtype} matmul peak: {peak:.1f} GFLOP/s (median of {a.repeats})")
     print(f"reference (PIL per-sample, DataLoader x2, NCHW fp32): {ref:.1f} img/s (median)")
+    print(f"plain pytorch (uint8 batch aug, channels_last, {precision}, kernels=off): {plain:.1f}")
     share = ours * GFLOP_PER_IMAGE / peak
     print(
-        f"longtail (uint8 batch aug, channels_last, {precision}): {ours:.1f} img/s, "
-        f"{ours * GFLOP_PER_IMAGE:.1f} GFLOP/s = {100 * share:.1f}% of the bf16 matmul peak"
+        f"longtail (uint8 batch aug, channels_last, {precision}, kernels=auto): {ours:.1f} img/s, "
+        f"{ours * GFLOP_PER_IMAGE:.1f} GFLOP/s = {100 * share:.1f}% of the {dtype} matmul peak"
     )
+    for key, d in autotune.used().items():
+        times = ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in sorted(d.seconds.items()))
+        print(f"  {key}: {d.choice} ({times})")
+    print(f"vs plain pytorch {ours / plain:.2f}")
     print(f"speedup {ours / ref:.2f}")
 
 

@@ -57,6 +57,7 @@ TINY = [
     "swa.every_steps=2",
     "swa.swag_rank=5",
     "precision=fp32",
+    "kernels=on",  # the kernels where they apply, as before autotuning; no timing in tiny runs
     "stage2.srepr_samples=3",
     "stage2.epochs=5",
     "stage2.srepr_epochs=5",

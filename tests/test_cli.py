@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from longtail.cli import main
@@ -172,3 +173,34 @@ def test_train_then_classify_prints_every_method(tmp_path, capsys):
         assert float(row[-1]) == pytest.approx(ts["brier"], abs=6e-4)
         assert float(row[-2]) == pytest.approx(100 * ts["ece"], abs=0.006)
     assert f"results: {run / 'results.json'}" in out
+
+
+def test_doctor_names_the_cpu_the_kernels_and_each_choice(tmp_path, monkeypatch, capsys):
+    """`longtail doctor` on a tiny shape, with an injected timer (the kernel ranked slower):
+    every line the issue asks for, and the choice it prints is PyTorch's op with both timings."""
+    from longtail.models import autotune, kernels
+
+    monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LONGTAIL_KERNELS", raising=False)
+    autotune.forget()
+
+    def kernel_slower(name, fn):
+        fn()
+        return {"kernel": 0.002, "pytorch": 0.001}[name]
+
+    autotune.use_timer(kernel_slower)
+    try:
+        argv = ["doctor", "--batch-size", "4", "--image-size", "8"]
+        code, out, _ = run_main(argv, capsys)
+    finally:
+        autotune.use_timer(None)
+        autotune.forget()
+    assert code == 0
+    assert f"CPU: {kernels.cpu_model()}" in out
+    assert "AMX " in out and "AVX512-BF16 " in out and "AVX2 " in out
+    assert f"torch {torch.__version__}, {torch.get_num_threads()} threads" in out
+    assert "C compiler: " in out and "matmul peak: " in out
+    assert f"kernel fused_bn: {kernels.status('fused_bn')}" in out
+    assert f"kernel conv3x3: {kernels.status('conv3x3')}" in out
+    rows = [r for r in out.splitlines() if r.startswith("  fused_bn|") or r.startswith("  conv3x3")]
+    assert rows and all("pytorch (kernel 2.000 ms, pytorch 1.000 ms)" in r for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 import longtail
 from longtail.config import diff_configs, find_recipe, load_config
 from longtail.errors import LongtailError
+from longtail.models import autotune, build_model
 
 SHIPPED = sorted((Path(longtail.__file__).parent / "configs").glob("*.yaml"))
 
@@ -128,3 +130,32 @@ def test_diff_configs_identical_and_ignored():
     b = load_config("digits_lt", ["optim.lr=0.05", "device=cpu"])
     assert diff_configs(a, b, ignore=("device", "optim")) == []
     assert [d.split(":")[0] for d in diff_configs(a, b, ignore=("optim",))] == ["device"]
+
+
+def test_switch_env_overrides_config_and_bad_values_name_the_fix(monkeypatch):
+    assert autotune.resolve_mode(None) == "auto"
+    assert autotune.resolve_mode("off") == "off"
+    monkeypatch.setenv(autotune.ENV, "ON")
+    assert autotune.resolve_mode("off") == "on"
+    assert build_model("resnet32", 10, kernels="off").kernels == "on"
+    monkeypatch.setenv(autotune.ENV, "fast")
+    with pytest.raises(LongtailError, match=r"\$LONGTAIL_KERNELS='fast'; choose one of auto"):
+        build_model("resnet32", 10)
+    monkeypatch.delenv(autotune.ENV)
+    with pytest.raises(LongtailError, match="kernels='yes'"):
+        build_model("resnet32", 10, kernels="yes")
+    with pytest.raises(LongtailError, match="kernels.*'maybe'"):
+        load_config(None, ["kernels=maybe"])
+
+
+def test_old_config_keys_still_load_with_a_deprecation_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="fused_bn / fast_conv are deprecated"):
+        assert load_config(None, ["fused_bn=false"]).kernels == "off"
+    old = tmp_path / "config.yaml"  # a run directory written before the switch
+    old.write_text("fused_bn: true\nfast_conv: true\nkernels: on\n")
+    with pytest.warns(DeprecationWarning, match="kernels=unchanged"):
+        cfg = load_config(old)
+    assert cfg.kernels == "on" and "fused_bn" not in cfg and "fast_conv" not in cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(None, ["kernels=off"]).kernels == "off"

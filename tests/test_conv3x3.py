@@ -51,7 +51,7 @@ def through_kernel(x, weight, dy, stride=1, memory_format=torch.contiguous_forma
     conv = make_conv(weight, stride, memory_format)
     x = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv_fn(conv, x)
+        y = conv_fn(conv, x, "on")
     y.backward(dy)
     return y, x.grad, conv.weight.grad
 
@@ -101,7 +101,7 @@ def test_no_input_gradient_when_not_needed(lib):
     x, dy, weight = bf16_data(2, 16, 16, 6, 6)
     conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv_fn(conv, x)
+        y = conv_fn(conv, x, "on")
     assert y.grad_fn is not None and "Conv3x3" in type(y.grad_fn).__name__
     y.backward(dy)
     assert conv.weight.grad is not None and x.grad is None
@@ -120,11 +120,11 @@ def test_anything_else_is_plain_conv2d(case):
         x = x.bfloat16()
     if case != "nchw":
         x = x.contiguous(memory_format=CL)
-    fast = case != "fast off"
+    mode = "off" if case == "fast off" else "on"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
         if case == "no autocast":
             conv = conv.bfloat16()
-        y = conv_fn(conv, x, fast)
+        y = conv_fn(conv, x, mode)
         expected = conv(x)
     assert "Conv3x3" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
@@ -142,12 +142,12 @@ def test_resnet32_training_step_same_as_onednn(lib):
     x = torch.randn(32, 3, 32, 32).contiguous(memory_format=CL)
     target = torch.randint(0, 10, (32,))
     ref = copy.deepcopy(base).double()
-    ref.fused_bn = ref.fast_conv = False
+    ref.kernels = "off"
     F.cross_entropy(ref(x.double()), target).backward()
 
     def step(fast: bool) -> tuple[float, nn.Module]:
         model = copy.deepcopy(base)
-        model.fast_conv = fast
+        model.kernels = {"fused_bn": "on", "conv3x3": "on" if fast else "off"}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), target)
         loss.backward()
@@ -155,7 +155,7 @@ def test_resnet32_training_step_same_as_onednn(lib):
 
     (loss_a, a), (loss_b, b) = step(True), step(False)
     assert abs(loss_a - loss_b) < 1e-2 * abs(loss_b)
-    assert a.fast_conv and not any(getattr(m, "fast_conv", False) for m in b.modules())
+    assert a.kernels == "on" and b.kernels == {"fused_bn": "on", "conv3x3": "off"}
     for (name, p), q, r in zip(a.named_parameters(), b.parameters(), ref.parameters(), strict=True):
         if p.dim() == 4:
             err_fast = float((p.grad.double() - r.grad).norm() / r.grad.norm())
@@ -184,7 +184,7 @@ def test_fork_sums_both_branch_gradients_in_the_kernel(lib, use):
     conv = make_conv(weight)
     xg = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, r = conv3x3.conv3x3_fork(conv, xg)
+        y, r = conv3x3.conv3x3_fork(conv, xg, "on")
     assert "Fork" in type(y.grad_fn).__name__ and r.data_ptr() == xg.data_ptr()
     torch.testing.assert_close(r, x, rtol=0, atol=0)
     outputs = {"both": [y, r], "conv only": [y], "identity only": [r]}[use]
@@ -216,4 +216,54 @@ def test_zero_width_image_gets_pytorchs_error_not_a_crash():
     conv = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
     x = torch.randn(2, 16, 1, 0).bfloat16().contiguous(memory_format=CL)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="Kernel"):
-        conv_fn(conv, x)
+        conv_fn(conv, x, "on")
+
+
+@pytest.mark.parametrize("kernel_faster", [False, True])
+def test_auto_runs_each_pass_where_the_timer_ranks_it_first(
+    lib, monkeypatch, tmp_path, kernel_faster
+):
+    """ResNet-32 under kernels=auto and bf16 autocast, an injected timer: every convolution pass
+    (forward, input gradient, weight gradient, per shape) is timed on real tensors, and the
+    kernel runs only where it was ranked faster; the training step's loss is the same."""
+    from longtail.models import autotune
+
+    monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path))
+    autotune.forget()
+    timed: list[str] = []
+
+    def timer(name, fn):
+        fn()
+        timed.append(name)
+        kernel, pytorch = (1.0, 2.0) if kernel_faster else (2.0, 1.0)
+        return pytorch if name == "pytorch" else kernel  # "kernel", or "kernels": a whole step
+
+    calls: list[int] = []  # every kernel pass fetches the library through _lib()
+    real_lib = conv3x3._lib
+    monkeypatch.setattr(conv3x3, "_lib", lambda: calls.append(1) or real_lib())
+    autotune.use_timer(timer)
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
+        ref = copy.deepcopy(model)
+        ref.kernels = {"conv3x3": "off", "fused_bn": "auto"}
+        x = torch.randn(8, 3, 16, 16).contiguous(memory_format=CL)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            table = autotune.tune_model(model, x)
+        assert not autotune.apply_step_verdict(model, table)
+        passes = {k.split("|")[0] for k in table if k.startswith("conv3x3.")}
+        assert passes == {"conv3x3.forward", "conv3x3.input_grad", "conv3x3.weight_grad"}
+        conv_keys = [k for k in table if k.startswith("conv3x3.")]
+        assert {table[k].choice for k in conv_keys} == {"kernel" if kernel_faster else "pytorch"}
+        calls.clear()
+        losses = []
+        for m in (model, ref):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(x).float(), torch.arange(8))
+            loss.backward()
+            losses.append(loss.item())
+        assert bool(calls) == kernel_faster
+        assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[1])
+    finally:
+        autotune.use_timer(None)
+        autotune.forget()

@@ -32,7 +32,7 @@ def run(bn, x, res, gy, fused):
     x = x.detach().clone().requires_grad_()
     res = None if res is None else res.detach().clone().requires_grad_()
     bn.zero_grad(set_to_none=True)
-    y = bn_relu(bn, x, res, fused=fused)
+    y = bn_relu(bn, x, res, kernels="on" if fused else "off")
     y.backward(gy.to(y.dtype))
     out = {"y": y, "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad}
     out |= {"rm": bn.running_mean, "rv": bn.running_var}
@@ -102,7 +102,7 @@ def test_bf16_no_less_accurate_than_pytorch_bf16(residual):
         # bf16 has 8 bits of mantissa; PyTorch rounds after BN and again after the add
         assert e_fused <= max(1.5 * e_native, 1e-2), (k, e_fused, e_native)
     assert fused["y"].dtype == torch.float64  # (converted by run); the op itself returns bf16
-    assert bn_relu(copy.deepcopy(bn), x, r).dtype == torch.bfloat16
+    assert bn_relu(copy.deepcopy(bn), x, r, kernels="on").dtype == torch.bfloat16
 
 
 def test_large_mean_keeps_variance_accurate():
@@ -122,8 +122,8 @@ def test_running_statistics_and_cumulative_momentum():
         a.momentum = b.momentum = momentum
         with torch.no_grad():
             for i in range(3):
-                bn_relu(a, x * (i + 1), r, fused=False)
-                bn_relu(b, x * (i + 1), r, fused=True)
+                bn_relu(a, x * (i + 1), r, kernels="off")
+                bn_relu(b, x * (i + 1), r, kernels="on")
         assert int(b.num_batches_tracked) == int(a.num_batches_tracked) == 3
         torch.testing.assert_close(b.running_mean, a.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-5, atol=1e-6)
@@ -156,10 +156,11 @@ def test_cases_the_kernel_does_not_cover_fall_back_to_pytorch(case):
 
 def test_resnet32_training_step_matches_unfused():
     torch.manual_seed(0)
-    a = build_model("resnet32", 10).to(memory_format=CL)
+    a = build_model("resnet32", 10, kernels="on").to(memory_format=CL)
     b = copy.deepcopy(a)
-    b.fused_bn = False
-    assert a.fused_bn and not any(getattr(m, "fused_bn", False) for m in b.modules())
+    b.kernels = {"fused_bn": "off", "conv3x3": "on"}
+    blocks = [m for m in b.modules() if hasattr(m, "kernels") and m is not b]
+    assert blocks and all(m.kernels["fused_bn"] == "off" for m in blocks)
     x = torch.randn(16, 3, 16, 16).contiguous(memory_format=CL)
     y = torch.randint(0, 10, (16,))
     for model in (a, b):
@@ -197,10 +198,10 @@ def test_without_a_compiler_it_warns_once_and_computes_the_same(tmp_path, monkey
     monkeypatch.setattr(kernels, "_failed", {})
     x, r, _ = data(16, 4, True, torch.float32)
     bn = make_bn(16)
-    with pytest.warns(RuntimeWarning, match="could not be built.*fused_bn=false"):
-        y = bn_relu(copy.deepcopy(bn), x, r)
+    with pytest.warns(RuntimeWarning, match="could not be built.*kernels=off"):
+        y = bn_relu(copy.deepcopy(bn), x, r, kernels="on")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bn_relu(copy.deepcopy(bn), x, r)  # no second warning
+        bn_relu(copy.deepcopy(bn), x, r, kernels="on")  # no second warning
     torch.testing.assert_close(y, F.relu(bn(x) + r))
     assert not list((tmp_path / "kernels").glob("*.so"))

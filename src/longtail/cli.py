@@ -7,6 +7,7 @@
     longtail fit MY_IMAGES/ --out fits/mine
     longtail predict fits/mine photo.jpg folder/ --top-k 3
     longtail demo
+    longtail doctor [--retune]
 
 User errors print one line and exit with status 2; no traceback.
 """
@@ -154,6 +155,13 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from longtail.models.doctor import report
+
+    print(report(a.batch_size, a.image_size, a.channels, a.retune))
+    return 0
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     from longtail.sweep import sweep
 
@@ -293,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)
+
+    o = sub.add_parser("doctor", help="CPU, compiler, and which kernel each pass uses here (why)")
+    o.add_argument("--batch-size", type=int, default=128, help="the shape to autotune for")
+    o.add_argument("--image-size", type=int, default=32)
+    o.add_argument("--channels", type=int, default=3)
+    o.add_argument("--retune", action="store_true", help="forget cached decisions, time again")
+    o.set_defaults(fn=cmd_doctor)
     return p
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,7 @@ class Config:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step (a few % on CPU; more on GPU)
-    fused_bn: bool = True  # ResNet-32 on CPU: fused BatchNorm+ReLU kernel (built on first use)
-    fast_conv: bool = True  # ResNet-32, CPU bf16: 3x3 convolution kernel (AVX512-BF16 CPUs)
+    kernels: str = "auto"  # C kernels (ResNet-32, CPU): auto (where timed faster here) | on | off
     sync_bn: bool = False  # SyncBatchNorm under torchrun (DDP)
     deterministic: bool = False
     checkpoint_every_steps: int = 0
@@ -137,10 +137,44 @@ CHOICES = {
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax"),
     "sampler.name": ("instance", "class_balanced", "sqrt", "q", "progressive"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "kernels": ("auto", "on", "off"),
     "stage2.backbone": ("auto", "swa", "final"),
     "stage2.ncm_metric": ("euclidean", "cosine"),
     "stage2.srepr_weighting": ("none", "confidence"),
 }
+
+
+# Replaced by ``kernels``; still read so older recipes and run directories load.
+DEPRECATED = ("fused_bn", "fast_conv")
+
+
+def _migrate(node: Any, where: str) -> Any:
+    """Read ``kernels: on`` / ``off`` as words (YAML 1.1 makes them booleans), and drop the old
+    kernel keys from a loaded mapping: ``false`` becomes ``kernels: off`` (the user turned a
+    kernel off; ``kernels`` has no per-kernel setting), ``true`` (their old default) is dropped
+    so ``kernels`` keeps its value; a DeprecationWarning names the change."""
+    if not isinstance(node, (dict, DictConfig)):
+        return node
+    if isinstance(node.get("kernels"), bool):
+        node = OmegaConf.create(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
+        node["kernels"] = "on" if node["kernels"] else "off"
+    if not any(k in node for k in DEPRECATED):
+        return node
+    node = OmegaConf.create(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
+    off = False
+    for key in DEPRECATED:
+        if key in node:
+            off |= str(node[key]).lower() in ("false", "0", "no", "off")
+            del node[key]
+    if off:
+        node["kernels"] = "off"
+    warnings.warn(
+        f"{where}: config keys fused_bn / fast_conv are deprecated; use kernels: auto | on | off "
+        f"(read as kernels={'off' if off else 'unchanged'})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return node
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -203,18 +237,21 @@ def load_config(
     """Defaults <- optional ``base`` dict <- YAML file at ``path`` <- ``key=value`` overrides."""
     cfg = OmegaConf.structured(Config)
     if base:
-        cfg = _merge(cfg, base)
+        cfg = _merge(cfg, _migrate(base, "base"))
     if path is not None:
         p = find_recipe(path)
         try:
             loaded = OmegaConf.load(p)
         except Exception as e:  # noqa: BLE001 - any YAML error is a user error
             raise LongtailError(f"{p}: not valid YAML ({e})") from None
-        cfg = _merge(cfg, loaded)
+        cfg = _merge(cfg, _migrate(loaded, str(p)))
     for item in overrides or []:
         if "=" not in item:
             raise LongtailError(f"override {item!r} must look like key=value, e.g. optim.lr=0.05")
         key = item.split("=", 1)[0].strip()
+        if key in (*DEPRECATED, "kernels"):
+            cfg = _merge(cfg, _migrate(OmegaConf.from_dotlist([item]), f"override {item!r}"))
+            continue
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise _unknown_key_error(key)
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]))

@@ -6,3 +6,7 @@ class LongtailError(Exception):
 
     The CLI prints it as one line and exits with status 2, without a traceback.
     """
+
+
+class KernelInputError(LongtailError):
+    """A tensor handed to a C kernel has the wrong dtype, layout, shape or device."""

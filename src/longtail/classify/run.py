@@ -80,11 +80,9 @@ class Stage2:
 
     def _load_model(self, weights: Path) -> torch.nn.Module:
         c = self.cfg
-        model = build_model(c.model.name, self.num_classes, self.splits.train.channels)
-        if hasattr(model, "fused_bn"):
-            model.fused_bn = c.fused_bn
-        if hasattr(model, "fast_conv"):
-            model.fast_conv = c.fast_conv
+        model = build_model(
+            c.model.name, self.num_classes, self.splits.train.channels, kernels=c.kernels
+        )
         model.load_state_dict(verified_load(weights))
         model.to(self.rt.device).eval()
         if self.rt.channels_last:

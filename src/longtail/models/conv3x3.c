@@ -22,6 +22,14 @@
 #include <string.h>
 #include <omp.h>
 
+/* Threads for the following parallel regions of the calling thread (PyTorch's count). */
+void lt_set_threads(int n) {
+    if (n > 0) omp_set_num_threads(n);
+}
+
+/* Threads the next parallel region of the calling thread would use (for tests). */
+int lt_max_threads(void) { return omp_get_max_threads(); }
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 

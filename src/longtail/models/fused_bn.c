@@ -27,6 +27,14 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
 #define INLINE static inline __attribute__((always_inline))
+
+/* Threads for the following parallel regions of the calling thread (PyTorch's count). */
+void lt_set_threads(int n) {
+    if (n > 0) omp_set_num_threads(n);
+}
+
+/* Threads the next parallel region of the calling thread would use (for tests). */
+int lt_max_threads(void) { return omp_get_max_threads(); }
 #define ROWS 64
 
 INLINE v16f load(const void *p, long i, int bf) {
@@ -102,7 +110,8 @@ static void combine(const double *part, int nt, int C, double *s, double *q) {
         }
 }
 
-/* stats[0..C) = mean, stats[C..2C) = invstd, stats[2C..3C) = scale, stats[3C..4C) = shift.
+/* stats[0..C) = mean, stats[C..2C) = invstd, stats[2C..3C) = scale, stats[3C..4C) = shift,
+ * stats[4C..5C) = unbiased variance (the biased one when R == 1).
  * Running statistics (if given) move by `momentum` towards the batch mean and unbiased variance.
  * Returns 0, or -1 when out of memory. */
 INLINE int forward_impl(const void *x, const void *res, void *y, long R, int C, const float *w,
@@ -149,8 +158,9 @@ INLINE int forward_impl(const void *x, const void *res, void *y, long R, int C, 
         stats[C + c] = (float)invstd;
         stats[2 * C + c] = (float)(w[c] * invstd);
         stats[3 * C + c] = (float)(b[c] - mean * w[c] * invstd);
+        double unbiased = R > 1 ? var * R / (R - 1) : var;
+        stats[4 * C + c] = (float)unbiased;
         if (run_mean) {
-            double unbiased = R > 1 ? var * R / (R - 1) : var;
             run_mean[c] = (float)((1.0 - momentum) * run_mean[c] + momentum * mean);
             run_var[c] = (float)((1.0 - momentum) * run_var[c] + momentum * unbiased);
         }

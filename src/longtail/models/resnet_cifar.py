@@ -3,9 +3,9 @@
 BasicBlock x [5, 5, 5] with widths 16 / 32 / 64, parameter-free "option A" shortcuts (stride-2
 subsampling and zero channel padding), 64-d features after global average pooling. Every
 BatchNorm is followed by a ReLU (after the residual add in a block's second half), which
-:func:`~longtail.models.fused_bn.bn_relu` computes in one fused CPU kernel when ``fused_bn`` is on;
-the blocks' 3x3 convolutions (16, 32, 64 channels) go through
-:func:`~longtail.models.conv3x3.conv3x3`'s bf16 CPU kernel when ``fast_conv`` is on.
+:func:`~longtail.models.fused_bn.bn_relu` can compute in one fused CPU kernel; the blocks' 3x3
+convolutions (16, 32, 64 channels) can go through :func:`~longtail.models.conv3x3.conv3x3`'s bf16
+CPU kernel. The ``kernels`` switch (``auto`` | ``on`` | ``off``) says when.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.errors import LongtailError
+from longtail.models.autotune import MODES
 from longtail.models.conv3x3 import conv3x3, conv3x3_fork
 from longtail.models.fused_bn import bn_relu
+
+KERNELS = ("fused_bn", "conv3x3")  # the C kernels a CifarResNet can use
 
 
 class _SubsamplePad(torch.autograd.Function):
@@ -67,40 +71,38 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = _PadShortcut(planes - in_planes)
-        self.fused_bn = True
-        self.fast_conv = True
+        self.kernels = {k: "auto" for k in KERNELS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
             out = F.relu(self.bn1(self.conv1(x)))
             return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
         if isinstance(self.shortcut, nn.Identity):  # x feeds conv1 and the shortcut
-            out, residual = conv3x3_fork(self.conv1, x, self.fast_conv)
+            out, residual = conv3x3_fork(self.conv1, x, self.kernels["conv3x3"])
         else:
-            out, residual = conv3x3(self.conv1, x, self.fast_conv), self.shortcut(x)
-        out = bn_relu(self.bn1, out, fused=self.fused_bn)
-        out = conv3x3(self.conv2, out, self.fast_conv)
-        return bn_relu(self.bn2, out, residual, fused=self.fused_bn)
+            out, residual = conv3x3(self.conv1, x, self.kernels["conv3x3"]), self.shortcut(x)
+        out = bn_relu(self.bn1, out, kernels=self.kernels["fused_bn"])
+        out = conv3x3(self.conv2, out, self.kernels["conv3x3"])
+        return bn_relu(self.bn2, out, residual, kernels=self.kernels["fused_bn"])
 
 
 class CifarResNet(nn.Module):
     """CIFAR-style ResNet; ``features(x)``: ``(B, C_in, H, W)`` -> ``(B, 64)``.
 
-    ``fused_bn``: compute BatchNorm + ReLU with the fused CPU kernel where it applies (training on
-    CPU, channels-last); ``fast_conv``: run 3x3 convolutions through longtail's bf16 CPU kernel
-    where it applies (CPU bf16 autocast, channels-last, AVX512-BF16). Both settable later, e.g.
-    ``model.fused_bn = False``.
+    ``kernels``: when the C kernels (``fused_bn``: BatchNorm + ReLU in training, ``conv3x3``: bf16
+    3x3 convolutions) replace PyTorch's ops where they apply: ``"auto"`` (default) where timed
+    faster on this machine (``models/autotune.py``), ``"on"`` always, ``"off"`` never; settable
+    later, for all (``model.kernels = "off"``) or per kernel (``{"conv3x3": "off", ...}``).
     """
 
-    __jit_unused_properties__ = ["fused_bn", "fast_conv"]  # noqa: RUF012 - TorchScript's hook
+    __jit_unused_properties__ = ["kernels"]  # noqa: RUF012 - TorchScript's hook
 
     def __init__(
         self,
         num_blocks: tuple[int, int, int] = (5, 5, 5),
         num_classes: int = 10,
         in_channels: int = 3,
-        fused_bn: bool = True,
-        fast_conv: bool = True,
+        kernels: str | dict[str, str] = "auto",
     ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
@@ -116,40 +118,34 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-        self.fused_bn = fused_bn
-        self.fast_conv = fast_conv
+        self.kernels = kernels
 
     @property
-    def fused_bn(self) -> bool:
-        """Whether BatchNorm + ReLU may use the fused CPU kernel (``models/fused_bn.py``)."""
-        return self._fused_bn
+    def kernels(self) -> str | dict[str, str]:
+        """The kernel switch: one mode for all kernels, else ``{kernel: mode}``."""
+        modes = set(self._kernels.values())
+        return modes.pop() if len(modes) == 1 else dict(self._kernels)
 
-    @fused_bn.setter
-    def fused_bn(self, on: bool) -> None:
-        self._switch("fused_bn", on)
-
-    @property
-    def fast_conv(self) -> bool:
-        """Whether 3x3 convolutions may use the bf16 CPU kernel (``models/conv3x3.py``)."""
-        return self._fast_conv
-
-    @fast_conv.setter
-    def fast_conv(self, on: bool) -> None:
-        self._switch("fast_conv", on)
-
-    def _switch(self, name: str, on: bool) -> None:
-        """Set a kernel switch here (``_<name>``, for the stem) and on every block."""
-        setattr(self, f"_{name}", bool(on))
+    @kernels.setter
+    def kernels(self, value: str | dict[str, str]) -> None:
+        table = dict.fromkeys(KERNELS, value) if isinstance(value, str) else dict(value)
+        for name, mode in table.items():
+            if name not in KERNELS or mode not in MODES:
+                raise LongtailError(
+                    f"kernels: {name}={mode!r}; kernels are {', '.join(KERNELS)}, "
+                    f"modes {', '.join(MODES)}"
+                )
+        self._kernels = {k: table.get(k, "auto") for k in KERNELS}
         for m in self.modules():
             if isinstance(m, BasicBlock):
-                setattr(m, name, bool(on))
+                m.kernels = dict(self._kernels)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, 64)`` of images ``(B, C_in, H, W)``."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
             out = F.relu(self.bn1(self.conv1(x)))
         else:
-            out = bn_relu(self.bn1, self.conv1(x), fused=self._fused_bn)
+            out = bn_relu(self.bn1, self.conv1(x), kernels=self._kernels["fused_bn"])
         out = self.layers(out)
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
@@ -158,6 +154,8 @@ class CifarResNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet-32 (0.46 M parameters)."""
-    return CifarResNet((5, 5, 5), num_classes, in_channels)
+def resnet32(
+    num_classes: int = 10, in_channels: int = 3, kernels: str | dict[str, str] = "auto"
+) -> CifarResNet:
+    """ResNet-32 (0.46 M parameters); ``kernels`` as :class:`CifarResNet`'s."""
+    return CifarResNet((5, 5, 5), num_classes, in_channels, kernels)

@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from longtail.data.prepare import DataSplits, prepare_data
 from longtail.data.samplers import make_sampler
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import evaluate_logits
-from longtail.models import build_model
+from longtail.models import autotune, build_model
 from longtail.models.predict import collect_outputs
 from longtail.progress import format_seconds, progress
 from longtail.train.bn import refresh_bn
@@ -175,14 +176,12 @@ class Stage1:
             self.splits.train.num_classes,
             self.splits.train.channels,
             cfg.model.weights_path,
+            kernels=cfg.kernels,
         )
-        if hasattr(self.model, "fused_bn"):
-            self.model.fused_bn = cfg.fused_bn
-        if hasattr(self.model, "fast_conv"):
-            self.model.fast_conv = cfg.fast_conv
         self.model.to(self.rt.device)
         if self.rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.kernel_choices = self._tune_kernels()
         if self.rt.distributed and cfg.sync_bn:
             self.model = convert_sync_bn(self.model, self.rt.device)
         self.net: nn.Module = self.model  # what the training step calls (DDP / compiled)
@@ -228,6 +227,25 @@ class Stage1:
             self._write_run_info()
         self.tb = None
 
+    def _tune_kernels(self) -> dict[str, dict]:
+        """Under ``kernels=auto``: rank 0 times each kernel pass against PyTorch's op on one
+        training step of a copy of the model at the real batch shape (cached per machine, so
+        usually instant); every rank adopts rank 0's decisions. Returns them for run.json."""
+        mode = autotune.resolve_mode(self.cfg.kernels)
+        if mode != "auto" or self.rt.device.type != "cpu" or not hasattr(self.model, "kernels"):
+            return {}  # the C kernels are CPU-only, and only CifarResNet has them
+        table: dict[str, autotune.Decision] = {}
+        if self.rt.is_main:
+            bs = min(self.loaders["train"].batch_size, len(self.splits.train))
+            probe = BatchLoader(
+                self.splits.train, bs, self.rt.device, channels_last=self.rt.channels_last
+            )
+            x, _ = next(iter(probe.batches(np.arange(bs))))
+            table = autotune.tune_model(self.model, x, self.rt.autocast())
+        table = autotune.broadcast(table)
+        autotune.apply_step_verdict(self.model, table)  # all ranks: the same table
+        return {k: asdict(v) for k, v in table.items()}
+
     # ------------------------------------------------------------------ bookkeeping
     def _write_run_info(self) -> None:
         atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
@@ -244,6 +262,8 @@ class Stage1:
                 "classes": self.splits.train.classes,
                 "data": self.splits.info,
                 "swa_start_epoch": self.swa_start,
+                "kernels": autotune.resolve_mode(self.cfg.kernels),
+                "kernel_choices": self.kernel_choices,
             },
         )
 

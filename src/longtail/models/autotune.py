@@ -1,0 +1,309 @@
+"""Choose between a custom kernel and PyTorch's own op by timing both on this machine.
+
+Like ``torch.backends.cudnn.benchmark``: the first time a kernel pass meets a shape, :func:`choose`
+runs every candidate on the real tensors for a fraction of a second and keeps the fastest, where a
+custom kernel must beat the ``"pytorch"`` baseline by :data:`MARGIN` (a tie goes to PyTorch). The
+decision is kept in memory and in ``autotune-<machine>.json`` next to the built kernels
+(:func:`longtail.models.kernels.cache_dir`), where ``<machine>`` hashes the CPU model and flags, the
+torch version and the kernel sources (:func:`machine_id`), so a later run on the same machine starts
+without timing anything. Keys also carry the thread count, which changes the answer.
+
+Under torchrun, rank 0 decides and :func:`broadcast` gives every rank its decisions (call it on all
+ranks at the same point, e.g. after rank 0 ran one training step of a copy of the model with
+:func:`tune_model`); shapes met later only on some ranks are decided by each rank itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from longtail.errors import LongtailError
+from longtail.models import kernels
+
+MARGIN = 0.05  # a custom kernel must take < (1 - MARGIN) of the baseline's time
+SECONDS = 0.1  # timing budget per candidate
+BASELINE = "pytorch"
+MODES = ("auto", "on", "off")
+ENV = "LONGTAIL_KERNELS"
+
+# timer(name, fn) -> seconds per call of fn (it must call fn: the candidates are real work)
+Timer = Callable[[str, Callable[[], object]], float]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`choose` picked for one key, and every candidate's seconds per call."""
+
+    choice: str
+    seconds: dict[str, float]
+
+
+_lock = threading.Lock()
+_decisions: dict[str, Decision] = {}
+_loaded_from: Path | None = None
+_timer: Timer | None = None  # set by tests (use_timer) to decide without wall-clock noise
+_used: set[str] = set()  # full keys asked for by this process
+_latest: dict[str, str] = {}  # key -> choice at this process's thread count (a plain dict
+# that torch.compile can read while tracing; see lookup)
+_recorders: list[set[str]] = []  # open tune_model() calls collecting the keys they meet
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """The kernel switch in force: ``$LONGTAIL_KERNELS`` if set, else ``mode`` (default auto).
+
+    ``auto``: use a kernel only where :func:`choose` measured it faster than PyTorch here;
+    ``on``: wherever it applies; ``off``: never.
+    """
+    env = os.environ.get(ENV)
+    value = (env if env else mode or "auto").strip().lower()
+    if value not in MODES:
+        source = f"${ENV}" if env else "kernels"
+        raise LongtailError(f"{source}={value!r}; choose one of {', '.join(MODES)}")
+    return value
+
+
+def machine_id() -> str:
+    """Hash of CPU model + flags, torch version and the C kernel sources (16 hex digits)."""
+    h = hashlib.sha256()
+    for part in (kernels.cpu_model(), kernels.cpu_flags(), torch.__version__):
+        h.update(part.encode() + b"\0")
+    for src in sorted(Path(kernels.__file__).parent.glob("*.c")):
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_file() -> Path:
+    """Where this machine's decisions are kept: ``<kernel cache>/autotune-<machine_id>.json``."""
+    return kernels.cache_dir() / f"autotune-{machine_id()}.json"
+
+
+def _read(path: Path) -> dict[str, Decision]:
+    try:
+        raw = json.loads(path.read_text())
+        return {k: Decision(v["choice"], dict(v["seconds"])) for k, v in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # missing or damaged: decide again
+
+
+def _load() -> None:
+    """Read the cache file once per location (tests move it with ``$LONGTAIL_CACHE_DIR``)."""
+    global _loaded_from
+    path = cache_file()
+    if _loaded_from != path:
+        _decisions.clear()
+        _decisions.update(_read(path))
+        _loaded_from = path
+
+
+def _save() -> None:
+    """Merge this process's decisions into the cache file, atomically (temp file + rename)."""
+    path = cache_file()
+    merged = _read(path) | _decisions
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({k: asdict(v) for k, v in sorted(merged.items())}, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def full_key(key: str) -> str:
+    """``key`` with the thread count the timings were taken with."""
+    return f"{key}|threads={torch.get_num_threads()}"
+
+
+def time_call(name: str, fn: Callable[[], object], seconds: float = SECONDS) -> float:
+    """Seconds per call of ``fn``: one warm-up call, then the median of calls for ``seconds``."""
+    return time_interleaved({name: fn}, seconds)[name]
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], seconds: float = SECONDS
+) -> dict[str, float]:
+    """Seconds per call of each candidate, the median of rounds that call each in turn (one
+    warm-up round first) until ``seconds`` per candidate are spent: a slow spell of a shared
+    machine then slows all of them, not only the one timed during it."""
+    for fn in candidates.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    end = time.perf_counter() + seconds * len(candidates)
+    while min(len(t) for t in times.values()) < 3 or time.perf_counter() < end:
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def choose(
+    key: str,
+    candidates: dict[str, Callable[[], object]],
+    timer: Timer | None = None,
+    margin: float = MARGIN,
+) -> str:
+    """Name of the candidate to use for ``key`` (e.g. a kernel pass and its input shapes).
+
+    ``candidates`` maps names to zero-argument callables doing the same work on the real
+    tensors, without side effects; one must be ``"pytorch"``. A cached decision is returned as
+    is; otherwise each is timed by ``timer`` (default: :func:`time_interleaved`), and the fastest
+    non-baseline candidate wins only if its time is below ``(1 - margin)`` of the baseline's.
+    """
+    if BASELINE not in candidates:
+        raise LongtailError(f"autotune {key!r}: candidates {sorted(candidates)} lack {BASELINE!r}")
+    k = full_key(key)
+    with _lock:
+        _used.add(k)
+        for met in _recorders:
+            met.add(k)
+        _load()
+        if k in _decisions and _decisions[k].choice in candidates:
+            _latest[key] = _decisions[k].choice
+            return _decisions[k].choice
+    timer = timer or _timer
+    if timer is None:
+        seconds = time_interleaved(candidates)
+    else:
+        seconds = {name: float(timer(name, fn)) for name, fn in candidates.items()}
+    best = min((n for n in seconds if n != BASELINE), key=seconds.__getitem__, default=BASELINE)
+    choice = best if seconds[best] < (1 - margin) * seconds[BASELINE] else BASELINE
+    with _lock:
+        _decisions[k] = Decision(choice, seconds)
+        _latest[key] = choice
+        _save()
+    return choice
+
+
+def lookup(key: str) -> str | None:
+    """The candidate decided for ``key`` in this process (by :func:`choose` or :func:`install`),
+    without timing anything; ``None``: not decided yet. Traceable by ``torch.compile``."""
+    return _latest.get(key)
+
+
+def decisions() -> dict[str, Decision]:
+    """Every decision known to this process (the cache file's and the new ones), by full key."""
+    with _lock:
+        _load()
+        return dict(_decisions)
+
+
+def install(table: dict[str, Decision]) -> None:
+    """Adopt decisions made elsewhere (rank 0), replacing this process's for the same keys."""
+    threads = f"|threads={torch.get_num_threads()}"
+    with _lock:
+        _load()
+        _decisions.update(table)
+        for k, d in table.items():
+            if k.endswith(threads):
+                _latest[k.removesuffix(threads)] = d.choice
+
+
+def forget() -> None:
+    """Drop the decisions held in memory; the next :func:`choose` rereads the cache file."""
+    global _loaded_from
+    with _lock:
+        _decisions.clear()
+        _latest.clear()
+        _loaded_from = None
+
+
+def use_timer(timer: Timer | None) -> None:
+    """Time every later :func:`choose` with ``timer`` (``None``: the wall clock again)."""
+    global _timer
+    _timer = timer
+
+
+def broadcast(table: dict[str, Decision], src: int = 0) -> dict[str, Decision]:
+    """Rank ``src``'s ``table`` on every rank (a collective: all ranks call it), installed.
+
+    Without an initialised process group this installs and returns ``table`` itself.
+    """
+    if dist.is_available() and dist.is_initialized():
+        box: list[object] = [table if dist.get_rank() == src else None]
+        dist.broadcast_object_list(box, src=src)
+        table = box[0]  # type: ignore[assignment]
+    install(table)
+    return table
+
+
+STEP = "kernels"  # the candidate name of a whole step with the per-pass choices
+
+
+def tune_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, Decision]:
+    """Decide every kernel pass ``model`` meets in one training step on ``example``, then
+    check the step as a whole.
+
+    ``example``: an input batch ``(B, C, H, W)`` of the real shape, dtype and layout. The step
+    (forward, backward of the logits' sum) runs on deep copies in training mode, so ``model``'s
+    weights, gradients and BatchNorm statistics are untouched. If some pass chose a kernel, a
+    whole step with those choices (candidate ``"kernels"``) is timed against one with
+    ``kernels="off"`` (``"pytorch"``): passes timed alone can each win while the step loses (e.g.
+    two OpenMP runtimes taking turns). Returns the decisions met, by full key; apply the step's
+    verdict with :func:`apply_step_verdict`.
+    """
+    met: set[str] = set()
+    _recorders.append(met)
+    try:
+        step = _step(copy.deepcopy(model), example, autocast)
+        step()
+        table = decisions()
+        if any(table[k].choice != BASELINE for k in met) and hasattr(model, "kernels"):
+            plain = copy.deepcopy(model)
+            plain.kernels = "off"
+            key = f"step|{type(model).__name__}|{'x'.join(map(str, example.shape))}"
+            key += f"|{str(example.dtype)[6:]}|autocast={int(autocast is not None)}"
+            choose(key, {STEP: step, BASELINE: _step(plain, example, autocast)})
+    finally:
+        _recorders.remove(met)
+    table = decisions()
+    return {k: table[k] for k in sorted(met)}
+
+
+def _step(model: nn.Module, example: torch.Tensor, autocast) -> Callable[[], None]:
+    """One forward + backward of ``model`` (a copy, in training mode) on ``example``."""
+    model.train()
+    x = example.detach().clone()
+
+    def run() -> None:
+        with autocast or nullcontext():
+            out = model(x)
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def apply_step_verdict(model: nn.Module, table: dict[str, Decision]) -> bool:
+    """Turn ``model``'s kernels off if ``table`` (from :func:`tune_model`) holds a whole-step
+    check that PyTorch's ops won; returns whether it did."""
+    lost = any(k.startswith("step|") and d.choice == BASELINE for k, d in table.items())
+    if lost:
+        model.kernels = "off"
+    return lost
+
+
+def used() -> dict[str, Decision]:
+    """The decisions this process has asked for so far (cached or new), by full key."""
+    table = decisions()
+    return {k: table[k] for k in sorted(_used) if k in table}
