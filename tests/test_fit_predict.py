@@ -303,3 +303,9 @@ def test_streamed_images_fit_and_predict_alike(tmp_path):
     preds, skipped = predict(tmp_path / "out", [tmp_path / "tree" / "class 1"])
     assert len(preds) == 15 and not skipped
     assert r.bundle.meta["exports"]["torchscript"]["max_abs_diff"] < 1e-5
+    # torchvision ResNet-10 through ONNX; onnxruntime's Pillow-only decoding resizes 90x80 JPEGs
+    assert r.bundle.meta["exports"]["onnx"]["max_abs_diff"] <= 1e-4
+    onnx_preds, _ = predict(tmp_path / "out", [tmp_path / "tree" / "class 1"], runtime="onnx")
+    assert [p.label for p in onnx_preds] == [p.label for p in preds]
+    diffs = [abs(a.probability - b.probability) for a, b in zip(onnx_preds, preds, strict=True)]
+    assert max(diffs) < 0.01  # resize rounding only (pixels within 1 level)

@@ -117,7 +117,8 @@ def load_onnx(path: str | os.PathLike, model: str | os.PathLike | None = None) -
     f = Path(model) if model is not None else d / ONNX_FILE
     if not f.is_file():
         raise LongtailError(
-            f"{str(f)!r} not found: write it with `longtail export {d} --format onnx`"
+            f"{str(f)!r} not found: write it with `longtail export {d} --format onnx "
+            "--dynamic-batch`"
         )
     try:
         session = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
