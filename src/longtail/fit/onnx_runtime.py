@@ -95,8 +95,11 @@ class OnnxClassifier:
         return self.probabilities(x.astype(np.float32) / np.float32(255.0))
 
 
-def load_onnx(path: str | os.PathLike, model: str | os.PathLike | None = None) -> OnnxClassifier:
-    """Open a bundle folder's ``model.onnx`` (or ``model``) on onnxruntime's CPU provider.
+def load_onnx(
+    path: str | os.PathLike, model: str | os.PathLike | None = None, threads: int | None = None
+) -> OnnxClassifier:
+    """Open a bundle folder's ``model.onnx`` (or ``model``) on onnxruntime's CPU provider,
+    with ``threads`` intra-op threads (default: onnxruntime's, one per core).
 
     Raises:
         LongtailError: no bundle, no ONNX file (export one with ``longtail export DIR --format
@@ -121,7 +124,10 @@ def load_onnx(path: str | os.PathLike, model: str | os.PathLike | None = None) -
             "--dynamic-batch`"
         )
     try:
-        session = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for bad files
         raise LongtailError(f"{str(f)!r} cannot be loaded by onnxruntime: {e}") from e
     b = session.get_inputs()[0].shape[0]
