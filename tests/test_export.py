@@ -220,17 +220,21 @@ def test_custom_operator_is_refused(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_static_batch_and_missing_onnx_file(fitted, tmp_path, capsys):
+def test_fixed_batch_export_and_missing_onnx_file(fitted, tmp_path, capsys):
     bundle = load_bundle(fitted.out)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "bundle.json").write_text((bundle.dir / "bundle.json").read_text())
-    code, _, err = run_main(
-        ["predict", str(tmp_path / "b"), str(fitted.heldout), "--runtime", "onnx"], capsys
-    )
+    argv = ["predict", str(tmp_path / "b"), str(fitted.heldout), "--runtime", "onnx"]
+    code, _, err = run_main(argv, capsys)
     assert code == 2 and "model.onnx" in err and "longtail export" in err
-    x = bundle.check_images()[:5]
-    r = export_model(bundle.model, "torchscript", tmp_path / "m.ts", x)
-    assert r["max_abs_diff"] <= 1e-4 and r["input"]["shape"][0] == "batch"
+    # a fixed batch of 5 (the CLI's default is 1): the 32 check images run as 7 padded chunks
+    x = bundle.check_images()
+    r = export_model(bundle.model, "pt2", tmp_path / "m.pt2", x, dynamic_batch=False, batch_size=5)
+    assert r["input"]["shape"] == [5, 1, 28, 28] and r["checked_images"] == 32
+    assert r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] == 1.0
+    m = torch.export.load(str(tmp_path / "m.pt2")).module()
+    with pytest.raises(Exception):  # noqa: B017 - the fixed batch is a guard of the program
+        m(x[:3])
 
 
 def test_pillow_preprocessing_matches_torchvision(tmp_path):

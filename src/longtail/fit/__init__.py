@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
+    """Import a torch-side name (``fit``, ``load_bundle``, ...) on first use."""
     if name in _WHERE:
         return getattr(importlib.import_module(f"longtail.fit.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'longtail.fit' has no attribute {name!r}")
