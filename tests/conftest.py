@@ -4,6 +4,10 @@
 ``plain_run``: 3 epochs with ``swa.enabled=false``.
 Tests may read these run directories and run stage 2 in them (which adds ``features/`` and
 ``results.json``); they must not retrain into them.
+
+``fitted``: one ``longtail fit`` on a long-tailed Fashion-MNIST PNG folder
+(:mod:`fashion_images`), shared by test_fit_predict.py and test_export.py; read it, never refit
+into it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from fashion_images import Fitted, fit_tree
 from longtail.config import load_config
 from longtail.data.datasets import FASHION_MNIST_ROOT, fashion_mnist_available
 from longtail.train.loop import Stage1
@@ -91,3 +96,11 @@ def swa_run(tmp_path_factory) -> TinyRun:
 @pytest.fixture(scope="session")
 def plain_run(tmp_path_factory) -> TinyRun:
     return _train(tmp_path_factory, "plain_run", NO_SWA)
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory) -> Fitted:
+    """One `longtail fit` through the CLI, in process (Fashion-MNIST PNG folder)."""
+    # only tests marked fashion_mnist use it: pytest_runtest_setup above has already skipped
+    # (or, under CI, failed) them when the data is missing
+    return fit_tree(tmp_path_factory.mktemp("fit"))

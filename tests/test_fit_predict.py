@@ -1,19 +1,17 @@
 """``longtail fit`` / ``longtail predict`` on a small real-image folder (Fashion-MNIST PNGs).
 
-One fit (module fixture, ~10-20 s on one thread) on a long-tailed ImageFolder with awkward files;
-the other tests read its output or exercise the data step alone (no training).
+One fit (the session fixture ``fitted`` of conftest.py, ~10-20 s on one thread) on a
+long-tailed ImageFolder with awkward files; the other tests read its output or exercise the data
+step alone (no training).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from longtail.cli import main
-from longtail.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from fashion_images import (
+    CLASSES,
+    COUNTS,
+    _file_name,
+    fashion_mnist,
+    run_main,
+    write_tree,
+)
 from longtail.data.prepare import prepare_data
 from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
@@ -30,108 +34,20 @@ from longtail.fit.images import decode
 from longtail.fit.prepare import prepare_user_data
 from longtail.train.checkpoint import verified_load
 
-# folder names: "T-shirt/top" becomes "T-shirt top" (a space in a class name)
-CLASSES = [c.replace("/", " ") for c in FASHION_MNIST_CLASSES]
-COUNTS = [int(120 * 0.1 ** (i / 9)) for i in range(10)]  # 120 .. 12, imbalance factor 10
-HELDOUT_PER_CLASS = 15
-FIT_ARGS = ["device=cpu", "precision=fp32", "optim.epochs=4", "stage2.srepr_samples=3"]
-
 pytestmark = pytest.mark.fashion_mnist
-
-
-@functools.cache
-def _fashion_mnist(split: str):
-    """The real Fashion-MNIST split, read once (a loader error fails the test, never skips)."""
-    return load_fashion_mnist(None, split)
-
-
-def _file_name(j: int) -> str:
-    return ["img {j}.png", "bild_ü_{j}.png", "画像 {j}.png", "x{j}.png"][j % 4].format(j=j)
-
-
-def write_tree(root: Path, counts: list[int] = COUNTS, seed: int = 0, extras: bool = True) -> None:
-    """A long-tailed ImageFolder of Fashion-MNIST train PNGs (``counts[c]`` images of class c).
-
-    ``extras`` adds an RGBA PNG and an odd-sized grayscale JPEG to class 1 (valid), a truncated
-    PNG to class 0 and a text file to class 2 (both skipped).
-    """
-    x, y = _fashion_mnist("train").images.numpy()[:, 0], _fashion_mnist("train").labels.numpy()
-    rng = np.random.RandomState(seed)
-    for c, n in enumerate(counts):
-        d = root / CLASSES[c]
-        d.mkdir(parents=True, exist_ok=True)
-        for j, i in enumerate(rng.permutation(np.flatnonzero(y == c))[:n]):
-            Image.fromarray(x[i]).save(d / _file_name(j))
-    if not extras:
-        return
-    img = Image.fromarray(x[np.flatnonzero(y == 1)[-1]])
-    rgba = img.convert("RGBA")
-    rgba.putalpha(255)
-    rgba.save(root / CLASSES[1] / "rgba ïmage.png")
-    img.resize((37, 23)).save(root / CLASSES[1] / "odd size.jpg", quality=95)  # grayscale L
-    good = (root / CLASSES[0] / _file_name(0)).read_bytes()
-    (root / CLASSES[0] / "corrupt ü.png").write_bytes(good[: len(good) // 2])  # truncated
-    (root / CLASSES[2] / "notes.txt").write_text("not an image\n")
-
-
-def write_heldout(root: Path) -> dict[str, str]:
-    """Fashion-MNIST *test* images (never trained on), nested folders; ``{path: class}``."""
-    x, y = _fashion_mnist("test").images.numpy()[:, 0], _fashion_mnist("test").labels.numpy()
-    truth = {}
-    for c in range(10):
-        for j, i in enumerate(np.flatnonzero(y == c)[:HELDOUT_PER_CLASS]):
-            d = root / f"batch {j % 3}" / "ñested"
-            d.mkdir(parents=True, exist_ok=True)
-            p = d / f"test {c}-{j}.png"
-            Image.fromarray(x[i]).save(p)
-            truth[str(p)] = CLASSES[c]
-    (root / "README.txt").write_text("held-out images\n")
-    return truth
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@dataclass
-class Fitted:
-    out: Path  # the fit's --out folder
-    tree: Path  # the training ImageFolder
-    heldout: Path  # Fashion-MNIST test images, never trained on
-    truth: dict[str, str]  # held-out path -> class
-    stdout: str  # what `longtail fit` printed
-    seconds: float
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> Fitted:
-    """One `longtail fit` through the CLI, in process."""
-    base = tmp_path_factory.mktemp("fit")
-    tree = base / "my images"
-    write_tree(tree)
-    truth = write_heldout(base / "held out")
-    out = base / "fit out"
-    buf = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
-        code = main(["fit", str(tree), "--out", str(out), *FIT_ARGS])
-    assert code == 0
-    return Fitted(out, tree, base / "held out", truth, buf.getvalue(), time.perf_counter() - t0)
 
 
 def test_fit_writes_bundle_report_and_user_dataset(fitted):
     out = fitted.out
-    for f in ("bundle/bundle.json", "bundle/model.pt", "bundle/model.ts", "report.html"):
-        assert (out / f).is_file(), f
+    for f in ("bundle.json", "model.pt", "model.ts", "model.onnx", "check.pt"):
+        assert (out / "bundle" / f).is_file(), f
+    assert (out / "report.html").is_file()
     meta = json.loads((out / "bundle" / "bundle.json").read_text())
     assert meta["classes"] == sorted(CLASSES)
     assert meta["method"] in meta["methods"] and "swag_bma" not in meta["methods"]
-    assert meta["export"]["max_abs_diff"] < 1e-5
+    for fmt in ("torchscript", "onnx"):
+        assert meta["exports"][fmt]["max_abs_diff"] <= 1e-4, meta["exports"][fmt]
+        assert meta["exports"][fmt]["checked_images"] == 32  # real validation images
     assert meta["temperature"] > 0
     assert meta["preprocessing"]["size"] == 28 and meta["preprocessing"]["channels"] == 1
     assert meta["data"]["skipped_files"] == 2
@@ -356,7 +272,8 @@ def test_streamed_images_fit_and_predict_alike(tmp_path):
     from longtail.data.streaming import build_transform, pil_to_rgb
     from longtail.fit import fit, predict
 
-    x, y = _fashion_mnist("train").images.numpy()[:, 0], _fashion_mnist("train").labels.numpy()
+    ds = fashion_mnist("train")
+    x, y = ds.images.numpy()[:, 0], ds.labels.numpy()
     for c, n in enumerate([30, 15]):
         d = tmp_path / "tree" / f"class {c}"
         d.mkdir(parents=True)
@@ -385,4 +302,10 @@ def test_streamed_images_fit_and_predict_alike(tmp_path):
     assert torch.equal(decode(p, prep), want)
     preds, skipped = predict(tmp_path / "out", [tmp_path / "tree" / "class 1"])
     assert len(preds) == 15 and not skipped
-    assert r.bundle.meta["export"]["max_abs_diff"] < 1e-5
+    assert r.bundle.meta["exports"]["torchscript"]["max_abs_diff"] < 1e-5
+    # torchvision ResNet-10 through ONNX; onnxruntime's Pillow-only decoding resizes 90x80 JPEGs
+    assert r.bundle.meta["exports"]["onnx"]["max_abs_diff"] <= 1e-4
+    onnx_preds, _ = predict(tmp_path / "out", [tmp_path / "tree" / "class 1"], runtime="onnx")
+    assert [p.label for p in onnx_preds] == [p.label for p in preds]
+    diffs = [abs(a.probability - b.probability) for a, b in zip(onnx_preds, preds, strict=True)]
+    assert max(diffs) < 0.01  # resize rounding only (pixels within 1 level)

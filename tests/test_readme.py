@@ -10,6 +10,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    # the plain-onnxruntime example needs a fitted bundle: test_export.py runs it on one
+    blocks = [b for b in blocks if "onnxruntime" not in b]
     assert blocks, "README has no python example"
     monkeypatch.chdir(tmp_path)
     for code in blocks:

@@ -5,7 +5,8 @@
     longtail classify runs/fm --method all
     longtail report runs/fm [runs/fm-seed1 ...] [--out DIR]
     longtail fit MY_IMAGES/ --out fits/mine
-    longtail predict fits/mine photo.jpg folder/ --top-k 3
+    longtail predict fits/mine photo.jpg folder/ --top-k 3 [--runtime onnx]
+    longtail export fits/mine --format onnx|pt2|torchscript [--dynamic-batch]
     longtail demo
     longtail doctor [--retune]
 
@@ -193,10 +194,15 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from longtail.fit.bundle import load_bundle
-    from longtail.fit.predict import expand_inputs, predict_paths, write_csv, write_json
+    from longtail.fit.predict import (
+        expand_inputs,
+        load_classifier,
+        predict_paths,
+        write_csv,
+        write_json,
+    )
 
-    bundle = load_bundle(a.bundle)
+    bundle = load_classifier(a.bundle, a.runtime)
     paths = expand_inputs(a.inputs)
     skipped = []
     preds = predict_paths(
@@ -211,6 +217,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
         for b in skipped:
             print(f"  {b.path}: {b.reason}", file=sys.stderr)
     print(f"predicted {n} image(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from longtail.fit.bundle import load_bundle
+
+    bundle = load_bundle(a.bundle)
+    r = bundle.export(
+        a.format, a.out, a.opset, a.dynamic_batch, a.batch_size, a.check_images or None
+    )
+    batch = r["input"]["shape"][0]
+    print(
+        f"{a.format}: {Path(a.out) if a.out else bundle.dir / r['file']} ({r['method']}; input "
+        f"{r['input']['name']} float32 in [0, 1], batch {batch}); checked on "
+        f"{r['checked_images']} validation images: max |dp| {r['max_abs_diff']:.2g}, top-1 "
+        f"agrees on {100 * r['top1_agreement']:.0f}%"
+    )
     return 0
 
 
@@ -295,7 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["json", "csv"], default="json")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--strict", action="store_true", help="fail on unreadable files")
+    q.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: model.pt; onnx: model.onnx with onnxruntime, numpy and Pillow only",
+    )
     q.set_defaults(fn=cmd_predict)
+
+    e = sub.add_parser("export", help="write a bundle's network as ONNX, pt2 or TorchScript")
+    e.add_argument("bundle", metavar="DIR", help="the --out folder of `longtail fit`")
+    e.add_argument("--format", required=True, choices=["onnx", "pt2", "torchscript"])
+    e.add_argument("--out", default=None, help="file to write (default DIR/bundle/model.<ext>)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20; >= 18)")
+    batch = e.add_mutually_exclusive_group()
+    batch.add_argument(
+        "--dynamic-batch", action="store_true", help="any batch size (default: a fixed one)"
+    )
+    batch.add_argument("--batch-size", type=int, default=1, help="the fixed batch size (default 1)")
+    e.add_argument(
+        "--check-images",
+        nargs="+",
+        default=None,
+        metavar="IMAGE_OR_FOLDER",
+        help="validation images to check on (default: the bundle's check.pt)",
+    )
+    e.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="the whole pipeline on digits-LT, on CPU in about a minute")
     d.add_argument("overrides", nargs="*")

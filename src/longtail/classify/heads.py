@@ -70,7 +70,7 @@ class NCMHead(nn.Module):
         zn = F.normalize(z.float() - self.center, dim=1)
         if self.metric == "cosine":
             return zn @ F.normalize(self.centroids, dim=1).t()
-        return -torch.cdist(zn, self.centroids)
+        return -torch.cdist(zn, self.centroids, compute_mode="use_mm_for_euclid_dist")
 
 
 def train_head(

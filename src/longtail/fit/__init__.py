@@ -3,13 +3,28 @@
 Modules, one job each: ``sources`` (which files, which labels), ``images`` (robust decoding and
 the shared preprocessing rule), ``plan`` (input size, backbone, recipe), ``prepare`` (checks,
 hold-outs, the materialised ``user`` dataset), ``select`` (calibrate and choose a stage-2
-method on validation), ``bundle`` (the deployable network and its TorchScript export),
-``pipeline`` (:func:`fit`) and ``predict`` (:func:`predict`).
+method on validation), ``bundle`` (the deployable network), ``export`` (ONNX, ``torch.export``
+and TorchScript files, each checked against the network), ``pipeline`` (:func:`fit`),
+``predict`` (:func:`predict`) and ``onnx_runtime`` (a bundle's ``model.onnx`` with onnxruntime,
+numpy and Pillow only).
+
+The torch-side names are imported on first use, so ``longtail.fit.onnx_runtime`` and
+``longtail.fit.predict`` load without torch.
 """
 
-from longtail.fit.bundle import Bundle, DeployedClassifier, load_bundle
-from longtail.fit.pipeline import FitResult, fit
-from longtail.fit.predict import Prediction, predict
+from __future__ import annotations
+
+import importlib
+
+from longtail.fit.predict import Prediction, predict  # torch-free at import
+
+_WHERE = {
+    "Bundle": "bundle",
+    "DeployedClassifier": "bundle",
+    "load_bundle": "bundle",
+    "FitResult": "pipeline",
+    "fit": "pipeline",
+}
 
 __all__ = [
     "Bundle",
@@ -20,3 +35,10 @@ __all__ = [
     "load_bundle",
     "predict",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import a torch-side name (``fit``, ``load_bundle``, ...) on first use."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"longtail.fit.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'longtail.fit' has no attribute {name!r}")

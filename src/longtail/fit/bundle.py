@@ -4,15 +4,19 @@
 
 - ``model.pt``: the :class:`DeployedClassifier` state dict and how to rebuild it (backbone name,
   classes, channels, head kind), written with a ``.sha256`` beside it;
-- ``model.ts``: the same network as TorchScript, loadable with plain ``torch.jit.load`` (no
-  longtail needed); checked at export time against the bundle (max abs difference of the
-  probabilities, recorded in ``bundle.json``);
+- ``model.onnx``: the same network as ONNX (standard operators, dynamic batch), runnable with
+  onnxruntime and no PyTorch (:mod:`longtail.fit.onnx_runtime`);
+- ``model.ts``: the same network as TorchScript, loadable with plain ``torch.jit.load``;
+- ``model.pt2`` (``longtail export --format pt2``): a ``torch.export`` ExportedProgram;
+- ``check.pt``: the validation images (uint8) every export is checked on;
 - ``bundle.json``: class names, preprocessing (:class:`longtail.fit.images.Preprocessing`), the
-  temperature, the chosen stage-2 method, validation / test metrics, the export check.
+  temperature, the chosen stage-2 method, validation / test metrics, and one record per export
+  (``exports``: file, input / output, the check's max abs difference; :mod:`longtail.fit.export`).
 
-The network takes float32 images ``(B, C, S, S)`` in ``[0, 1]`` (resized and cropped as the
-preprocessing says), normalises them itself, and returns calibrated probabilities
-``softmax(head(features(x)) / T)`` of shape ``(B, K)``: one forward pass.
+The network takes float32 images ``(B, C, S, S)`` in ``[0, 1]`` (uint8 / 255, resized and
+cropped as the preprocessing says), normalises them itself, and returns calibrated probabilities
+``softmax(head(features(x)) / T)`` of shape ``(B, K)``: one forward pass. Every exported file
+takes and returns the same.
 """
 
 from __future__ import annotations
@@ -21,24 +25,29 @@ import hashlib
 import io
 import json
 import os
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from longtail.classify.heads import LinearHead, NCMHead, ScaledHead
 from longtail.errors import LongtailError
-from longtail.fit.images import Preprocessing
+from longtail.fit.export import FILES, export_model
+from longtail.fit.images import BadFile, Preprocessing, decode, list_image_inputs
 from longtail.models import build_model
 from longtail.train.checkpoint import atomic_torch_save, atomic_write_json
 
 FORMAT = "longtail-bundle/1"
 BUNDLE_JSON = "bundle.json"
 WEIGHTS = "model.pt"
-TORCHSCRIPT = "model.ts"
-EXPORT_TOLERANCE = 1e-5
+CHECK_IMAGES = "check.pt"
+CHECK_FORMAT = "longtail-check-images/1"
+FIT_EXPORTS = ("onnx", "torchscript")  # what `longtail fit` writes
+REBUILD_TOLERANCE = 1e-5  # model.pt reloaded vs the trained network (same code, same kernels)
 
 
 class DeployedClassifier(nn.Module):
@@ -121,10 +130,78 @@ class Bundle:
         """``(B, K)`` calibrated probabilities of float images ``(B, C, S, S)`` in ``[0, 1]``."""
         return self.model(x.float())
 
+    @cached_property
+    def _transform(self) -> Callable:
+        return self.preprocessing.transform()
 
-def _load_weights(path: Path) -> dict:
-    """``model.pt``, checksum verified, unpickled with ``weights_only=True`` (tensors, plain
-    containers and strings only: a bundle from elsewhere cannot run code)."""
+    def decode(self, path: str) -> torch.Tensor | BadFile:
+        """uint8 ``(C, S, S)`` pixels of one file by the preprocessing, or why it is unreadable."""
+        return decode(path, self.preprocessing, self._transform)
+
+    def predict_uint8(self, x: np.ndarray) -> np.ndarray:
+        """``(B, K)`` probabilities (numpy) of uint8 images ``(B, C, S, S)`` (divided by 255)."""
+        return self.probabilities(torch.from_numpy(x).float().div_(255.0)).numpy()
+
+    def check_images(self) -> torch.Tensor:
+        """The validation images exports are checked on, float ``(N, C, S, S)`` in ``[0, 1]``.
+
+        Raises:
+            LongtailError: ``check.pt`` missing (a bundle from an older longtail): pass images.
+        """
+        f = self.dir / CHECK_IMAGES
+        if not f.is_file():
+            raise LongtailError(
+                f"{str(f)!r} not found (bundles written before exports were checked lack it); "
+                "give validation images to check the export on with --check-images FOLDER"
+            )
+        saved = _load_checked(f, CHECK_FORMAT)
+        return saved["images"].float().div(255.0)
+
+    def export(
+        self,
+        fmt: str,
+        out: str | os.PathLike | None = None,
+        opset: int | None = None,
+        dynamic_batch: bool = True,
+        batch_size: int = 1,
+        check_images: list[str] | None = None,
+    ) -> dict:
+        """Write the network as ``fmt`` (``onnx``, ``pt2``, ``torchscript``) and check it
+        (:func:`longtail.fit.export.export_model`). The Python face of ``longtail export``.
+
+        Args:
+            out: the file (default ``BUNDLE/model.<ext>``); files inside the bundle folder are
+                recorded in ``bundle.json``'s ``exports``.
+            check_images: image files / folders to check on instead of ``check.pt``.
+
+        Returns:
+            The export's record (file, input / output, ``max_abs_diff``).
+        """
+        if fmt not in FILES:
+            raise LongtailError(f"unknown format {fmt!r}; choose one of {', '.join(FILES)}")
+        x = self._decode_all(check_images) if check_images else self.check_images()
+        path = Path(out).expanduser() if out else self.dir / FILES[fmt]
+        record = export_model(self.model, fmt, path, x, opset, dynamic_batch, batch_size)
+        if path.resolve().parent == self.dir.resolve():
+            self.meta.setdefault("exports", {})[fmt] = record
+            self.meta.setdefault("files", {})[fmt] = path.name
+            atomic_write_json(self.dir / BUNDLE_JSON, self.meta)
+        return record
+
+    def _decode_all(self, inputs: list[str], limit: int = 64) -> torch.Tensor:
+        try:
+            paths = list_image_inputs(inputs)
+        except FileNotFoundError as e:
+            raise LongtailError(f"--check-images {str(e)!r} not found") from None
+        pix = [p for p in map(self.decode, paths[: 4 * limit]) if isinstance(p, torch.Tensor)]
+        if not pix:
+            raise LongtailError(f"--check-images {inputs}: no readable images")
+        return torch.stack(pix[:limit]).float().div(255.0)
+
+
+def _load_checked(path: Path, fmt: str) -> dict:
+    """A bundle's torch file, checksum verified, unpickled with ``weights_only=True`` (tensors,
+    plain containers and strings only: a bundle from elsewhere cannot run code)."""
     if not path.is_file():
         raise LongtailError(f"{str(path)!r} not found: the bundle is incomplete")
     data = path.read_bytes()
@@ -137,8 +214,8 @@ def _load_weights(path: Path) -> dict:
         # user errors are one line: torch.load's messages run over several
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LongtailError(f"{str(path)!r} cannot be read: {why}") from e
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise LongtailError(f"{str(path)!r} is not a {FORMAT} weights file")
+    if not isinstance(saved, dict) or saved.get("format") != fmt:
+        raise LongtailError(f"{str(path)!r} is not a {fmt} file")
     return saved
 
 
@@ -151,26 +228,21 @@ def _rebuild(spec: dict, state: dict) -> DeployedClassifier:
     return model.eval()
 
 
-def _to_torchscript(model: DeployedClassifier, example: torch.Tensor) -> tuple[object, str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream, still loadable
-        try:
-            return torch.jit.script(model), "script"
-        except Exception:  # noqa: BLE001 - fall back to tracing whatever scripting rejects
-            return torch.jit.trace(model, example), "trace"
-
-
 def save_bundle(
     out: str | os.PathLike,
     model: DeployedClassifier,
     spec: dict,
     meta: dict,
     check_inputs: torch.Tensor,
+    formats: tuple[str, ...] = FIT_EXPORTS,
+    log: Callable[[str], None] = print,
 ) -> Bundle:
-    """Write ``model.pt``, ``model.ts`` and ``bundle.json`` into ``out``.
+    """Write ``model.pt``, ``check.pt``, ``bundle.json`` and one file per export format.
 
-    The TorchScript file is loaded back and compared with the bundle rebuilt from ``model.pt``
-    on ``check_inputs`` (float ``(B, C, S, S)`` in ``[0, 1]``, e.g. validation images).
+    ``model.pt`` is read back and compared with ``model`` on ``check_inputs`` (float ``(B, C,
+    S, S)`` in ``[0, 1]``, validation images, kept as uint8 in ``check.pt``); then each format
+    is exported and checked (:meth:`Bundle.export`). An export that fails (e.g. onnxruntime not
+    installed) is logged and recorded in ``bundle.json`` with the reason; the bundle stays usable.
 
     Args:
         model: the network (moved to the CPU in float32).
@@ -179,7 +251,7 @@ def save_bundle(
         meta: the JSON part (classes, preprocessing, temperature, method, metrics, ...).
 
     Raises:
-        LongtailError: the exported network disagrees with the bundle by more than 1e-5.
+        LongtailError: the reloaded bundle disagrees with ``model`` by more than 1e-5.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,41 +260,34 @@ def save_bundle(
     atomic_torch_save(
         {"format": FORMAT, "spec": spec, "state_dict": model.state_dict()}, out / WEIGHTS
     )
-    rebuilt = _rebuild(spec, _load_weights(out / WEIGHTS)["state_dict"])
-    ts, how = _to_torchscript(model, x[:2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts.save(str(out / TORCHSCRIPT))
-        loaded = torch.jit.load(str(out / TORCHSCRIPT), map_location="cpu")
+    atomic_torch_save(
+        {"format": CHECK_FORMAT, "images": x.mul(255.0).round().to(torch.uint8)}, out / CHECK_IMAGES
+    )
+    rebuilt = _rebuild(spec, _load_checked(out / WEIGHTS, FORMAT)["state_dict"])
     with torch.no_grad():
-        p_model, p_bundle, p_ts = model(x), rebuilt(x), loaded(x)
-    diff = float((p_ts - p_bundle).abs().max())
-    diff_memory = float((p_bundle - p_model).abs().max())
-    if not diff <= EXPORT_TOLERANCE or not diff_memory <= EXPORT_TOLERANCE:
+        diff = float((rebuilt(x) - model(x)).abs().max())
+    if not diff <= REBUILD_TOLERANCE:
         raise LongtailError(
-            f"export check failed: TorchScript vs bundle max |dp| = {diff:.3g}, bundle vs "
-            f"trained network {diff_memory:.3g} (tolerance {EXPORT_TOLERANCE:g})"
+            f"bundle check failed: {WEIGHTS} reloaded vs the trained network max |dp| = "
+            f"{diff:.3g} (tolerance {REBUILD_TOLERANCE:g})"
         )
     meta = {
         "format": FORMAT,
         **meta,
         "spec": spec,
-        "files": {"weights": WEIGHTS, "torchscript": TORCHSCRIPT},
-        "export": {
-            "format": "torchscript",
-            "method": how,
-            "file": TORCHSCRIPT,
-            "checked_images": int(x.shape[0]),
-            "max_abs_diff": diff,
-            "tolerance": EXPORT_TOLERANCE,
-            "usage": (
-                "m = torch.jit.load('model.ts'); probs = m(x)  # x float32 (B, C, S, S) in [0, 1],"
-                " resized and cropped as 'preprocessing' says; m.logits(x) gives calibrated logits"
-            ),
-        },
+        "files": {"weights": WEIGHTS, "check_images": CHECK_IMAGES},
+        "exports": {},
     }
     atomic_write_json(out / BUNDLE_JSON, meta)
-    return Bundle(out, rebuilt, meta)
+    bundle = Bundle(out, rebuilt, meta)
+    for fmt in formats:
+        try:
+            bundle.export(fmt)
+        except LongtailError as e:
+            log(f"note: no {FILES[fmt]} in the bundle: {e}")
+            meta["exports"][fmt] = {"format": fmt, "error": str(e)}
+            atomic_write_json(out / BUNDLE_JSON, meta)
+    return bundle
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -245,6 +310,6 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise LongtailError(f"{p / BUNDLE_JSON}: unreadable ({e})") from e
     if meta.get("format") != FORMAT:
         raise LongtailError(f"{p / BUNDLE_JSON}: not a {FORMAT} bundle")
-    saved = _load_weights(p / WEIGHTS)
+    saved = _load_checked(p / WEIGHTS, FORMAT)
     model = _rebuild(saved["spec"], saved["state_dict"])
     return Bundle(p, model, meta)

@@ -3,14 +3,17 @@
 Every file is opened with PIL; whatever PIL cannot read (a text file, a truncated PNG, a file
 that vanished) becomes a :class:`BadFile` with the reason, never an exception. Grayscale,
 palette, RGBA, CMYK and 16-bit images are converted, and EXIF orientation applied, by
-:func:`longtail.data.streaming.pil_to_rgb`.
+:func:`longtail.imaging.pil_to_rgb`.
 
 :class:`Preprocessing` is the resize rule recorded in the model bundle: resize the shorter side
 to ``resize_to`` (bilinear, antialiased), centre-crop ``size x size``, uint8 ``(C, S, S)``; the
 network divides by 255 and normalises with ``mean`` / ``std`` itself. Small images are decoded
 with ``resize_to == size`` once into memory; streamed images use ``resize_to = round(size *
 8/7)``, exactly torchvision's evaluation pipeline in :func:`longtail.data.streaming.
-build_transform` (256 -> 224).
+build_transform` (256 -> 224). :meth:`Preprocessing.to_array` is the same rule in Pillow and
+numpy alone, for the torch-free ONNX runtime.
+
+This module imports torch only when a torch transform is asked for.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-import torch
+import numpy as np
 from PIL import Image
 
-from longtail.data.streaming import exif_orientation, pil_to_rgb
+from longtail.imaging import exif_orientation, pil_to_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_CHANNEL_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 T = TypeVar("T")
@@ -120,6 +126,29 @@ class Preprocessing:
             tuple(float(s) for s in d["std"]),
         )
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` after resizing the shorter side to ``resize_to`` (torchvision's
+        rule: the longer side is ``int(resize_to * long / short)``)."""
+        if width <= height:
+            return self.resize_to, int(self.resize_to * height / width)
+        return int(self.resize_to * width / height), self.resize_to
+
+    def to_array(self, img: Image.Image) -> np.ndarray:
+        """PIL image (already ``L`` / ``RGB``) -> uint8 ``(C, S, S)`` numpy array, with Pillow only.
+
+        The rule of :meth:`transform`: Pillow's bilinear resize (antialiased when shrinking)
+        and torchvision's centre-crop offsets; torchvision's antialiased resize is built to
+        match Pillow's, so pixels agree up to rounding (identical when no resize is needed).
+        """
+        w, h = self.resized_size(img.width, img.height)
+        if (w, h) != img.size:
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
+        top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return np.ascontiguousarray(
+            np.atleast_3d(np.asarray(img, dtype=np.uint8)).transpose(2, 0, 1)
+        )
+
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image (already ``L`` / ``RGB``) -> uint8 ``(C, S, S)``."""
         from torchvision.transforms import v2
@@ -138,6 +167,15 @@ def decode(path: str, prep: Preprocessing, tf=None) -> torch.Tensor | BadFile:
     try:
         img = open_image(path, prep.channels)
         return (tf or prep.transform())(img)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return BadFile(path, "unreadable image (" + _reason(e) + ")")
+
+
+def decode_array(path: str, prep: Preprocessing) -> np.ndarray | BadFile:
+    """Pixels of one file as uint8 ``(C, S, S)`` numpy (Pillow only, :meth:`Preprocessing.
+    to_array`), or why it cannot be read."""
+    try:
+        return prep.to_array(open_image(path, prep.channels))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         return BadFile(path, "unreadable image (" + _reason(e) + ")")
 

@@ -6,8 +6,8 @@
    of :mod:`longtail.fit.plan` (regularisation scaled to the data size), then every stage-2
    method (:class:`longtail.classify.run.Stage2`) on the cached SWA features;
 3. calibrate each method on validation, choose one (:mod:`longtail.fit.select`);
-4. bundle it (:mod:`longtail.fit.bundle`) in ``OUT/bundle``, write ``OUT/report.html`` /
-   ``report.md`` and ``OUT/fit.json``.
+4. bundle it (:mod:`longtail.fit.bundle`) in ``OUT/bundle`` with ``model.onnx`` and ``model.ts``
+   (:mod:`longtail.fit.export`), write ``OUT/report.html`` / ``report.md`` and ``OUT/fit.json``.
 
 ``OUT/run`` is an ordinary run directory: ``longtail classify OUT/run`` and ``longtail report
 OUT/run`` work on it (its config says ``data.dataset=user data.root=OUT/data``).
@@ -209,11 +209,15 @@ def fit(
         "longtail_version": longtail.__version__,
         "torch_version": torch.__version__,
     }
-    bundle = save_bundle(out / "bundle", model, spec, meta, _check_inputs(data))
-    ex = bundle.meta["export"]
+    bundle = save_bundle(out / "bundle", model, spec, meta, _check_inputs(data), log=log)
+    checked = [
+        f"{r['file']} matches to {r['max_abs_diff']:.2g}"
+        for r in bundle.meta["exports"].values()
+        if "file" in r
+    ]
     log(
-        f"bundle: {bundle.dir} (method {best.name}, T = {best.temperature:.3g}); TorchScript "
-        f"{ex['file']} matches the bundle to {ex['max_abs_diff']:.2g}"
+        f"bundle: {bundle.dir} (method {best.name}, T = {best.temperature:.3g}); "
+        + ("; ".join(checked) or "no exported files")
     )
     html_path, _ = write_report([run_dir], out)
     log(f"report: {html_path}")

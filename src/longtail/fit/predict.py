@@ -3,6 +3,12 @@
 Files are decoded with the bundle's preprocessing in batches (threads decode, the network runs
 one batch at a time), so a folder of any size streams through in constant memory. Files that
 are not readable images are skipped and listed (or stop everything with ``strict``).
+
+Two runtimes run the network: ``torch`` (the bundle's ``model.pt`` rebuilt as a
+:class:`~longtail.fit.bundle.Bundle`) and ``onnx`` (``model.onnx`` with onnxruntime,
+:class:`~longtail.fit.onnx_runtime.OnnxClassifier`); both offer ``classes``, ``dir``,
+``decode(path)`` and ``predict_uint8(x)``. This module imports neither torch nor onnxruntime
+itself: the runtime chosen is loaded by :func:`load_classifier`.
 """
 
 from __future__ import annotations
@@ -13,14 +19,21 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
 from longtail.errors import LongtailError
-from longtail.fit.bundle import Bundle, load_bundle
-from longtail.fit.images import BadFile, decode, list_image_inputs, parallel_map, read_header
+from longtail.fit.images import BadFile, list_image_inputs, parallel_map, read_header
+
+if TYPE_CHECKING:
+    from longtail.fit.bundle import Bundle
+    from longtail.fit.onnx_runtime import OnnxClassifier
+
+    Classifier = Bundle | OnnxClassifier
+
+RUNTIMES = ("torch", "onnx")
 
 
 @dataclass
@@ -69,8 +82,22 @@ def _check_all(paths: list[str]) -> None:
         )
 
 
+def load_classifier(bundle_dir: str | os.PathLike, runtime: str = "torch") -> Classifier:
+    """The bundle in ``bundle_dir`` on ``runtime``: ``torch`` (``model.pt``) or ``onnx``
+    (``model.onnx``, needing only onnxruntime, numpy and Pillow)."""
+    if runtime == "torch":
+        from longtail.fit.bundle import load_bundle
+
+        return load_bundle(bundle_dir)
+    if runtime == "onnx":
+        from longtail.fit.onnx_runtime import load_onnx
+
+        return load_onnx(bundle_dir)
+    raise LongtailError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+
+
 def predict_paths(
-    bundle: Bundle,
+    bundle: Classifier,
     paths: list[str],
     top_k: int = 5,
     batch_size: int = 64,
@@ -80,6 +107,9 @@ def predict_paths(
     progress: bool = True,
 ) -> Iterator[Prediction]:
     """Predictions for ``paths`` in order, one batch of ``batch_size`` images at a time.
+
+    ``bundle``: a :class:`~longtail.fit.bundle.Bundle` or an
+    :class:`~longtail.fit.onnx_runtime.OnnxClassifier` (:func:`load_classifier`).
 
     Unreadable files are passed to ``on_skip`` and left out; with ``strict`` every header is
     checked first and any bad file raises :class:`LongtailError` before the first prediction.
@@ -95,7 +125,7 @@ def predict_paths(
 
 
 def _iterate(
-    bundle: Bundle,
+    bundle: Classifier,
     paths: list[str],
     top_k: int,
     batch_size: int,
@@ -104,20 +134,14 @@ def _iterate(
     workers: int,
     progress: bool,
 ) -> Iterator[Prediction]:
-    prep = bundle.preprocessing
-    tf = prep.transform()
     classes = bundle.classes
     k = min(top_k, len(classes))
     bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=not progress)
-
-    def load(q: str) -> torch.Tensor | BadFile:
-        return decode(q, prep, tf)
-
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             ok, pixels = [], []
-            for p, r in zip(chunk, parallel_map(load, chunk, workers), strict=True):
+            for p, r in zip(chunk, parallel_map(bundle.decode, chunk, workers), strict=True):
                 if isinstance(r, BadFile):
                     if strict:
                         raise LongtailError(f"{r.path}: {r.reason} (--strict)")
@@ -127,9 +151,9 @@ def _iterate(
                     ok.append(p)
                     pixels.append(r)
             if pixels:
-                x = torch.stack(pixels).float().div_(255.0)
-                probs = bundle.probabilities(x)
-                top_p, top_i = probs.topk(k, dim=1)
+                probs = bundle.predict_uint8(np.stack([np.asarray(q) for q in pixels]))
+                top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+                top_p = np.take_along_axis(probs, top_i, axis=1)
                 for p, ps, idx in zip(ok, top_p.tolist(), top_i.tolist(), strict=True):
                     yield Prediction(p, [classes[i] for i in idx], [float(v) for v in ps])
             bar.update(len(chunk))
@@ -144,10 +168,11 @@ def predict(
     batch_size: int = 64,
     strict: bool = False,
     progress: bool = False,
+    runtime: str = "torch",
 ) -> tuple[list[Prediction], list[BadFile]]:
     """Predict every image file in ``inputs`` (folders recursively); returns ``(predictions,
-    skipped)``. The Python face of ``longtail predict``."""
-    bundle = load_bundle(bundle_dir)
+    skipped)``. The Python face of ``longtail predict``; ``runtime``: ``torch`` or ``onnx``."""
+    bundle = load_classifier(bundle_dir, runtime)
     paths = expand_inputs(inputs)
     skipped: list[BadFile] = []
     preds = list(

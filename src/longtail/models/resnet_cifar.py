@@ -22,6 +22,21 @@ from longtail.models.fused_bn import bn_relu
 KERNELS = ("fused_bn", "conv3x3")  # the C kernels a CifarResNet can use
 
 
+def exporting() -> bool:
+    """Whether the model is being exported rather than run: TorchScript (``torch.jit.script`` /
+    ``trace``) or ``torch.export`` (which ``torch.onnx.export(..., dynamo=True)`` uses).
+
+    Exported graphs take the plain-PyTorch branch, so they hold only standard ATen ops: no
+    ctypes kernel call (``fused_bn``, ``conv3x3``) and no custom autograd function. Callers
+    test ``torch.jit.is_scripting() or exporting()``: TorchScript skips compiling the other
+    branch only when it sees ``is_scripting()`` itself. ``torch.compile`` (``compile=true``
+    training) keeps the training path; the kernels step aside by themselves there.
+    """
+    if torch.jit.is_scripting():  # TorchScript compiles this branch only
+        return True
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 class _SubsamplePad(torch.autograd.Function):
     """``x[:, :, ::2, ::2]`` zero-padded by ``pad`` channels on each side.
 
@@ -54,7 +69,7 @@ class _PadShortcut(nn.Module):
         self.pad = extra_channels // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
+        if torch.jit.is_scripting() or exporting():  # plain ops only
             return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
         return _SubsamplePad.apply(x, self.pad)
 
@@ -74,7 +89,7 @@ class BasicBlock(nn.Module):
         self.kernels = {k: "auto" for k in KERNELS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
+        if torch.jit.is_scripting() or exporting():  # plain ops only
             out = F.relu(self.bn1(self.conv1(x)))
             return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
         if isinstance(self.shortcut, nn.Identity):  # x feeds conv1 and the shortcut
@@ -142,7 +157,7 @@ class CifarResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, 64)`` of images ``(B, C_in, H, W)``."""
-        if torch.jit.is_scripting() or torch.jit.is_tracing():  # exported: plain ops only
+        if torch.jit.is_scripting() or exporting():  # plain ops only
             out = F.relu(self.bn1(self.conv1(x)))
         else:
             out = bn_relu(self.bn1, self.conv1(x), kernels=self._kernels["fused_bn"])
