@@ -92,7 +92,9 @@ def reference_rate(images, labels, steps: int, bs: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def longtail_rate(images, labels, steps: int, bs: int, kernels: str) -> tuple[float, str]:
+def longtail_rate(
+    images, labels, steps: int, bs: int, kernels: str, compile: bool = False
+) -> tuple[float, str]:
     rt = make_runtime("cpu", "auto", channels_last=True)
     x_u8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ds = ImageDataset(
@@ -105,13 +107,14 @@ def longtail_rate(images, labels, steps: int, bs: int, kernels: str) -> tuple[fl
         autotune.apply_step_verdict(model, autotune.tune_model(model, example, rt.autocast()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     model.train()
+    net = torch.compile(model) if compile else model  # the custom ops stay single graph nodes
     rng = np.random.default_rng(0)
     done, t0, i = 0, None, 0
-    while i < steps + 5:
+    while i < steps + 5:  # the 5 untimed warm-up steps include torch.compile's compilation
         for x, y in loader.batches(rng.permutation(len(labels)), drop_last=True):
             if i == 5:
                 t0 = time.perf_counter()
-            sgd_step(model, opt, x, y, rt.autocast())
+            sgd_step(net, opt, x, y, rt.autocast())
             done += len(y) if i >= 5 else 0
             i += 1
             if i >= steps + 5:
@@ -125,6 +128,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved trials; medians reported")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both longtail loops under torch.compile (compilation is not timed)",
+    )
     a = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -135,6 +143,7 @@ def main() -> None:
     bf16 = cpu_supports_bf16()  # emulated bf16 matmuls would take minutes: fp32 peak then
     peak_args = (torch.bfloat16, 2048, 20) if bf16 else (torch.float32, 1024, 5)
     rates: dict[str, list[float]] = {"peak": [], "reference": [], "plain": [], "longtail": []}
+    compiled: dict[str, list[float]] = {"plain": [], "longtail": []}
     for trial in range(a.repeats):  # interleaved, so a slow spell of the machine hits all
         rates["peak"].append(matmul_peak(*peak_args))
         rates["reference"].append(reference_rate(images, labels, a.steps, a.batch_size))
@@ -147,6 +156,14 @@ def main() -> None:
             f"{rates['reference'][-1]:.1f} img/s, plain pytorch {rates['plain'][-1]:.1f} img/s, "
             f"longtail {rate:.1f} img/s"
         )
+        if a.compile:
+            for name, mode in (("plain", "off"), ("longtail", "auto")):
+                rate, _ = longtail_rate(images, labels, a.steps, a.batch_size, mode, compile=True)
+                compiled[name].append(rate)
+            print(
+                f"  torch.compile: plain pytorch {compiled['plain'][-1]:.1f} img/s, "
+                f"longtail {compiled['longtail'][-1]:.1f} img/s"
+            )
     peak, ref, plain, ours = (statistics.median(rates[k]) for k in rates)
     dtype = str(peak_args[0])[6:]
     print(f"{dtype} matmul peak: {peak:.1f} GFLOP/s (median of {a.repeats})")
@@ -157,6 +174,12 @@ def main() -> None:
         f"longtail (uint8 batch aug, channels_last, {precision}, kernels=auto): {ours:.1f} img/s, "
         f"{ours * GFLOP_PER_IMAGE:.1f} GFLOP/s = {100 * share:.1f}% of the {dtype} matmul peak"
     )
+    if a.compile:
+        cplain, cours = (statistics.median(compiled[k]) for k in ("plain", "longtail"))
+        print(
+            f"torch.compile (median): plain pytorch {cplain:.1f} img/s ({cplain / plain:.2f}x "
+            f"eager), longtail {cours:.1f} img/s ({cours / ours:.2f}x eager)"
+        )
     for key, d in autotune.used().items():
         times = ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in sorted(d.seconds.items()))
         print(f"  {key}: {d.choice} ({times})")

@@ -43,7 +43,6 @@ from longtail.io import atomic_write_bytes
 FILES = {"onnx": "model.onnx", "pt2": "model.pt2", "torchscript": "model.ts"}
 TOLERANCE = 1e-4  # max abs probability difference, fp32
 INPUT, OUTPUT = "images", "probabilities"
-KERNEL_SWITCHES = ("fused_bn", "fast_conv")  # longtail's ctypes CPU kernels (models/*.c)
 _BUILTIN_MODULES = ("_operator", "operator", "math", "builtins")  # getitem, symbolic sizes
 _USAGE = {
     "onnx": "s = onnxruntime.InferenceSession('model.onnx'); probs = s.run(None, {'images': x})[0]",
@@ -61,13 +60,13 @@ class ExportError(LongtailError):
 
 
 def deployable_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU eval-mode copy of ``model`` with every kernel switch (``fused_bn``,
-    ``fast_conv``) off, so tracing records PyTorch's own operators only."""
+    """A float32 CPU eval-mode copy of ``model`` with longtail's CPU kernels switched off
+    (``kernels="off"`` on every backbone that has the switch), so tracing records PyTorch's own
+    operators only."""
     m = copy.deepcopy(model).float().cpu().eval()
     for mod in m.modules():
-        for name in KERNEL_SWITCHES:
-            if isinstance(getattr(mod, name, None), bool):
-                setattr(mod, name, False)
+        if isinstance(getattr(type(mod), "kernels", None), property):
+            mod.kernels = "off"
     return m
 
 
