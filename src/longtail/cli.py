@@ -78,6 +78,7 @@ def cmd_data_summary(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from longtail.config import load_config
+    from longtail.rundir import RunDir
     from longtail.train.loop import Stage1
 
     if a.config and "=" in a.config and not Path(a.config).is_file():
@@ -85,7 +86,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         a.overrides, a.config = [a.config, *a.overrides], None
     if a.resume:
         run_dir = Path(a.resume)
-        config = a.config or run_dir / "config.yaml"
+        config = a.config or RunDir(run_dir).config_path
         if a.out and Path(a.out) != run_dir:
             raise LongtailError("--resume RUN_DIR continues in RUN_DIR; drop --out")
     else:
@@ -110,28 +111,30 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_classify(a: argparse.Namespace) -> int:
-    from longtail.classify.run import classify, results_path, results_table
+    from longtail.classify.run import classify, results_table
+    from longtail.rundir import RunDir
 
     res = classify(a.run_dir, a.method, a.overrides)
     if not _is_main_process():
         return 0
     print(results_table(res))
     explicit = any(o.startswith("stage2.backbone=") for o in a.overrides)
-    print(f"results: {results_path(a.run_dir, res['backbone'] if explicit else 'auto')}")
+    print(f"results: {RunDir(a.run_dir).results_path(res['backbone'] if explicit else 'auto')}")
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
     from longtail.config import load_config
-    from longtail.train.checkpoint import list_checkpoints
+    from longtail.rundir import RunDir
     from longtail.train.loop import Stage1
 
     out = Path(a.out)
+    run = RunDir(out)
     cfg = load_config("digits_lt", a.overrides)
-    done = (out / "model_final.pt").is_file()
-    resume = bool(list_checkpoints(out)) and not done
-    if (out / "config.yaml").is_file() and not (done or resume):
+    done = run.finished
+    resume = run.resumable and not done
+    if run.started and not (done or resume):
         shutil.rmtree(out)  # a demo stopped before its first checkpoint: start it again
     if not done:
         print(f"stage 1: ResNet-32 on digits-LT (IF {cfg.data.imbalance:g}) with SWA/SWAG -> {out}")
@@ -139,7 +142,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print("stage 2: every classifier-learning method on the cached features")
     res = classify(out, ["all"])
     print(results_table(res))
-    print(f"results: {out / 'results.json'}")
+    print(f"results: {run.results_path()}")
     from longtail.evaluate.report import write_report
 
     html_path, _ = write_report([out])

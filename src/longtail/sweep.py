@@ -1,14 +1,14 @@
 """``longtail sweep RECIPE --seeds 0 1 2``: stage 1 per seed, every stage-2 method, one table.
 
-For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done); stage
-2 runs on the SWA features (``results.json``) and, when the run has SWA, also on the final SGD
-model's features (``results-final.json``), so both can be compared. The aggregate (mean ± std
-over seeds) is printed, written to ``OUT/summary.json`` and rendered as ``OUT/report.html``.
+For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done, as
+:class:`longtail.rundir.RunDir` decides); stage 2 runs on the SWA features (``results.json``) and,
+when the run has SWA, also on the final SGD model's features (``results-final.json``), so both can
+be compared. The aggregate (mean ± std over seeds) is printed, written to ``OUT/summary.json`` and
+rendered as ``OUT/report.html``.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +16,8 @@ from pathlib import Path
 from longtail.classify.run import classify
 from longtail.config import load_config
 from longtail.evaluate.report import comparison_table, load_run, write_report
-from longtail.train.checkpoint import atomic_write_json, list_checkpoints
+from longtail.rundir import RunDir
+from longtail.train.checkpoint import atomic_write_json
 from longtail.train.loop import Stage1
 
 SUMMARY_KEYS = ("accuracy", "many", "medium", "few", "nll", "ece", "brier")
@@ -29,10 +30,11 @@ def run_seed(
     run = out / f"seed{seed}"
     extra = [f"seed={seed}"] + ([f"data.subset_seed={seed}"] if vary_subset else [])
     cfg = load_config(recipe, [*overrides, *extra])
-    if (run / "stage1.json").is_file():
+    state = RunDir(run)
+    if state.finished:
         log(f"seed {seed}: stage 1 already done in {run}")
         return run
-    resume = bool(list_checkpoints(run))
+    resume = state.resumable
     log(f"seed {seed}: stage 1 -> {run}" + (" (resuming)" if resume else ""))
     Stage1(cfg, run, resume=resume).fit()
     return run
@@ -52,11 +54,12 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def summarize(runs: list[Path], results_name: str = "results.json") -> dict[str, dict]:
-    """``{method: {metric: mean, metric_std: std, n: runs}}`` over the runs' results files."""
+def summarize(runs: list[Path], backbone: str = "auto") -> dict[str, dict]:
+    """``{method: {metric: mean, metric_std: std, n: runs}}`` over the runs' results files for
+    ``backbone`` (``auto``: ``results.json``; see :meth:`RunDir.results_path`)."""
     per: dict[str, dict[str, list[float]]] = {}
     for r in runs:
-        res = json.loads((r / results_name).read_text())
+        res = RunDir(r).results(backbone)
         for m, vals in res["methods"].items():
             for k in SUMMARY_KEYS:
                 if vals.get(k) is not None:
@@ -85,9 +88,10 @@ def sweep(
     runs = []
     for seed in seeds:
         run = run_seed(recipe, seed, out, overrides, vary_subset, log)
-        if not (run / "results.json").is_file():
+        rd = RunDir(run)
+        if not rd.results_path().is_file():
             classify(run, list(methods), log=log)
-        if (run / "model_swa.pt").is_file() and not (run / "results-final.json").is_file():
+        if rd.model_path("swa").is_file() and not rd.results_path("final").is_file():
             sgd = (
                 [m for m in methods if m != "srepr"]
                 if "all" not in methods
@@ -105,12 +109,9 @@ def sweep(
     log(f"\nstage 2 on {loaded[0].results['backbone']} features, {len(runs)} seed(s):")
     header, rows, _ = comparison_table(loaded)
     log(text_table(header, rows))
-    if all((r / "results-final.json").is_file() for r in runs):
-        summary["sgd_features"] = summarize(runs, "results-final.json")
-        sgd_runs = [
-            replace(r, results=json.loads((r.dir / "results-final.json").read_text()))
-            for r in loaded
-        ]
+    if all(RunDir(r).results_path("final").is_file() for r in runs):
+        summary["sgd_features"] = summarize(runs, "final")
+        sgd_runs = [replace(r, results=RunDir(r.dir).results("final")) for r in loaded]
         header, rows, _ = comparison_table(sgd_runs)
         log("\nstage 2 on the final SGD model's features:")
         log(text_table(header, rows))

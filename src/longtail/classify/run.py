@@ -17,13 +17,13 @@ from longtail.classify import methods as M
 from longtail.classify.features import cached, extract, swag_banks
 from longtail.classify.heads import LinearHead
 from longtail.classify.srepr import bma_logits, train_srepr
-from longtail.config import load_config
 from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.tables import format_table
 from longtail.models import build_model
 from longtail.progress import progress
+from longtail.rundir import RunDir
 from longtail.train.checkpoint import atomic_write_json, verified_load
 from longtail.train.loop import build_data, make_loaders
 from longtail.train.runtime import init_distributed, make_runtime, seed_everything
@@ -48,11 +48,9 @@ class Stage2:
     """A stage-1 run directory opened for classifier learning."""
 
     def __init__(self, run_dir: str | Path, overrides: list[str] | None = None, log=print):
-        self.dir = Path(run_dir)
-        cfg_path = self.dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise LongtailError(f"{str(run_dir)!r} is not a stage-1 run directory (no config.yaml)")
-        self.cfg: DictConfig = load_config(cfg_path, overrides)
+        self.rundir = RunDir(run_dir)
+        self.dir = self.rundir.path
+        self.cfg: DictConfig = self.rundir.config(overrides)
         self.log = log
         cfg, s2 = self.cfg, self.cfg.stage2
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
@@ -65,9 +63,9 @@ class Stage2:
         self.loaders = {"train": ld["train_eval"], "train_aug": ld["train"], "test": ld["test"]}
         if "val" in ld:
             self.loaders["val"] = ld["val"]
-        has_swa = (self.dir / "model_swa.pt").is_file()
+        has_swa = self.rundir.model_path("swa").is_file()
         self.backbone = s2.backbone if s2.backbone != "auto" else ("swa" if has_swa else "final")
-        weights = self.dir / f"model_{self.backbone}.pt"
+        weights = self.rundir.model_path(self.backbone)
         if not weights.is_file():
             raise LongtailError(
                 f"{weights} not found: stage 1 did not finish"
@@ -93,7 +91,7 @@ class Stage2:
     def features(self) -> dict:
         t0 = time.perf_counter()
         feats = cached(
-            self.dir / "features" / f"{self.backbone}.pt",
+            self.rundir.feature_path(self.backbone),
             lambda: extract(self.model, self.loaders, self.rt, seconds=self.timings),
             self.log,
         )
@@ -114,11 +112,11 @@ class Stage2:
                 ]
             )
 
-        return cached(self.dir / "features" / f"{self.backbone}-aug{v}.pt", compute, self.log)
+        return cached(self.rundir.feature_path(f"{self.backbone}-aug{v}"), compute, self.log)
 
     def swag_features(self) -> dict:
         s2 = self.cfg.stage2
-        swag_path = self.dir / "swag.pt"
+        swag_path = self.rundir.swag_path
         if not swag_path.is_file():
             raise LongtailError(
                 f"srepr needs a SWAG posterior, and {swag_path} does not exist: "
@@ -128,7 +126,7 @@ class Stage2:
         swag.load_state_dict(verified_load(swag_path))
         tag = f"swag-M{s2.srepr_samples}-s{s2.srepr_scale:g}-seed{self.cfg.seed}"
         return cached(
-            self.dir / "features" / f"{tag}.pt",
+            self.rundir.feature_path(tag),
             lambda: swag_banks(
                 self.model,
                 swag,
@@ -146,7 +144,7 @@ class Stage2:
     def run(self, methods: list[str] | tuple[str, ...] = ("all",)) -> dict:
         """Fit, evaluate and calibrate the requested methods; returns the results dict."""
         methods = _resolve_methods(methods)
-        if "srepr" in methods and not (self.dir / "swag.pt").is_file():
+        if "srepr" in methods and not self.rundir.swag_path.is_file():
             if methods == ["srepr"]:
                 self.swag_features()  # raises the explanatory error
             self.log("note: skipping srepr: this run has no SWAG posterior (swa.enabled=false)")
@@ -293,14 +291,15 @@ class Stage2:
             "methods": results,
         }
         if self.rt.is_main:
-            atomic_write_json(results_path(self.dir, s2.backbone), out)
+            atomic_write_json(self.rundir.results_path(s2.backbone), out)
         return out
 
 
 def results_path(run_dir: str | Path, backbone: str = "auto") -> Path:
     """Where stage 2 writes its results: ``results.json`` for the default backbone choice,
-    ``results-<backbone>.json`` when ``stage2.backbone`` is set explicitly."""
-    return Path(run_dir) / ("results.json" if backbone == "auto" else f"results-{backbone}.json")
+    ``results-<backbone>.json`` when ``stage2.backbone`` is set explicitly
+    (:meth:`RunDir.results_path`)."""
+    return RunDir(run_dir).results_path(backbone)
 
 
 def classify(

@@ -1,7 +1,8 @@
 """``longtail report RUN_DIR [RUN_DIR ...]``: one HTML and one Markdown report of stage-2 results.
 
 Reads each run directory's ``results.json`` (written by ``longtail classify``), ``metrics.csv``,
-``run.json`` and ``config.yaml`` (written by ``longtail train``) and writes into the output folder
+``run.json`` and ``config.yaml`` (written by ``longtail train``; :class:`longtail.rundir.RunDir`
+names them) and writes into the output folder
 
 - ``report.html``: self-contained, every figure embedded as a base64 ``data:image/png`` URI, no
   script;
@@ -20,7 +21,6 @@ import base64
 import csv
 import datetime
 import html
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ import yaml
 from longtail.errors import LongtailError
 from longtail.evaluate import plots
 from longtail.io import atomic_write_text
+from longtail.rundir import RunDir
 
 __all__ = ["COLUMNS", "TS_COLUMNS", "RunData", "comparison_table", "load_run", "write_report"]
 
@@ -102,33 +103,28 @@ def load_run(run_dir: str | Path) -> RunData:
     Raises:
         LongtailError: the directory does not exist, or has no (readable) ``results.json``.
     """
-    d = Path(run_dir)
-    if not d.is_dir():
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
         raise LongtailError(f"{str(run_dir)!r} is not a directory: give a run directory")
-    path = d / "results.json"
-    if not path.is_file():
+    if not run.results_path().is_file():
         raise LongtailError(
-            f"{str(run_dir)!r} has no results.json: run `longtail classify {run_dir}` first "
+            f"{str(run_dir)!r} has no {run.RESULTS}: run `longtail classify {run_dir}` first "
             "(stage 2 writes the results the report is made of)"
         )
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise LongtailError(f"{path} is not readable JSON ({e}); rerun `longtail classify`") from e
-    if not isinstance(results, dict) or not results.get("methods"):
-        raise LongtailError(f"{path} holds no method results; rerun `longtail classify {d}`")
+    results = run.results()
     info, config = {}, {}
-    if (d / "run.json").is_file():
+    if run.info_path.is_file():
         try:
-            info = json.loads((d / "run.json").read_text())
-        except ValueError:
+            info = run.info()
+        except LongtailError:  # not readable JSON: the report just goes without it
             info = {}
-    if (d / "config.yaml").is_file():
+    if run.config_path.is_file():
+        # the YAML as written, not load_config's: the report shows it and must not fail on it
         try:
-            config = yaml.safe_load((d / "config.yaml").read_text()) or {}
+            config = yaml.safe_load(run.config_path.read_text()) or {}
         except yaml.YAMLError:
             config = {}
-    return RunData(d, results, _read_metrics(d / "metrics.csv"), info, config)
+    return RunData(run.path, results, _read_metrics(run.metrics_path), info, config)
 
 
 # --------------------------------------------------------------------------- aggregation

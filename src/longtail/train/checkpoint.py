@@ -1,13 +1,13 @@
 """Training checkpoints: written atomically with a checksum (see :mod:`longtail.io`).
 
-Checkpoints are ``ckpt-<epoch>-<step>.pt`` in the run directory, each with a ``.sha256`` beside
-it; the newest two are kept. A truncated or corrupt file is detected and the previous one named.
+Checkpoints are ``ckpt-<epoch>-<step>.pt`` in the run directory (named by
+:class:`longtail.rundir.RunDir`), each with a ``.sha256`` beside it; the newest two are kept. A
+truncated or corrupt file is detected and the previous one named.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -20,24 +20,19 @@ from longtail.io import (  # noqa: F401 - re-exported: checkpoints are written t
     atomic_write_text,
     verified_load,
 )
+from longtail.rundir import RunDir
 
 KEEP = 2
-_CKPT = re.compile(r"ckpt-(\d+)-(\d+)\.pt$")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Checkpoints in ``run_dir``, oldest first (by epoch, then step)."""
-    found = []
-    for p in Path(run_dir).glob("ckpt-*.pt"):
-        m = _CKPT.search(p.name)
-        if m:
-            found.append(((int(m.group(1)), int(m.group(2))), p))
-    return [p for _, p in sorted(found)]
+    return RunDir(run_dir).checkpoints()
 
 
 def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, step: int) -> Path:
     """Write ``ckpt-<epoch>-<step>.pt`` atomically and delete all but the newest ``KEEP``."""
-    path = Path(run_dir) / f"ckpt-{epoch:04d}-{step:07d}.pt"
+    path = RunDir(run_dir).checkpoint_path(epoch, step)
     atomic_torch_save(state, path)
     for old in list_checkpoints(run_dir)[:-KEEP]:
         old.unlink(missing_ok=True)

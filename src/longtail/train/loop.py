@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import math
 import subprocess
 import sys
@@ -33,12 +32,12 @@ from longtail.evaluate.metrics import evaluate_logits
 from longtail.models import autotune, build_model
 from longtail.models.predict import collect_outputs
 from longtail.progress import format_seconds, progress
+from longtail.rundir import RunDir
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
-    list_checkpoints,
     load_latest_checkpoint,
     save_checkpoint,
 )
@@ -133,20 +132,22 @@ def swa_start_epoch(cfg: DictConfig) -> int | None:
     return start
 
 
-def _prepare_run_dir(cfg: DictConfig, out: Path, resume: bool) -> DictConfig:
+def _prepare_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
+    out = run.path
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.yaml"
     if resume:
-        if not saved.is_file():
-            raise LongtailError(f"--resume: {str(out)!r} holds no config.yaml; not a run directory")
-        old = load_config(saved)
+        if not run.config_path.is_file():
+            raise LongtailError(
+                f"--resume: {str(out)!r} holds no {run.CONFIG}; not a run directory"
+            )
+        old = load_config(run.config_path)
         diffs = diff_configs(old, cfg, ignore=RESUME_MUTABLE)
         if diffs:
             raise LongtailError(
                 f"--resume: {out} was made with a different config; differing "
                 f"keys: {'; '.join(diffs)}"
             )
-    elif list_checkpoints(out) or saved.is_file():
+    elif run.started:
         raise LongtailError(
             f"{str(out)!r} already holds a training run; pass --resume to "
             "continue it, or choose another --out"
@@ -158,7 +159,8 @@ class Stage1:
     """Everything one stage-1 run holds; :meth:`fit` runs it to the end."""
 
     def __init__(self, cfg: DictConfig, out: str | Path, resume: bool = False):
-        self.out = Path(out)
+        self.rundir = RunDir(out)
+        self.out = self.rundir.path
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
         init_distributed(self.rt)
         if cfg.optim.batch_size % self.rt.world_size:
@@ -166,7 +168,7 @@ class Stage1:
                 f"optim.batch_size={cfg.optim.batch_size} (the global batch) must be divisible "
                 f"by the {self.rt.world_size} processes"
             )
-        self.cfg = _prepare_run_dir(cfg, self.out, resume)
+        self.cfg = _prepare_run_dir(cfg, self.rundir, resume)
         seed_everything(cfg.seed, cfg.deterministic)
         self.splits = build_data(cfg)
         self.counts = self.splits.train.counts()
@@ -248,9 +250,9 @@ class Stage1:
 
     # ------------------------------------------------------------------ bookkeeping
     def _write_run_info(self) -> None:
-        atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
+        atomic_write_text(self.rundir.config_path, to_yaml(self.cfg))
         atomic_write_json(
-            self.out / "run.json",
+            self.rundir.info_path,
             {
                 "git_revision": git_revision(),
                 "command": " ".join(sys.argv),
@@ -283,9 +285,9 @@ class Stage1:
         }
 
     def _restore(self) -> None:
-        state = load_latest_checkpoint(self.out, map_location=self.rt.device)
-        if state is None:
+        if not self.rundir.resumable:
             raise LongtailError(f"--resume: no checkpoint in {str(self.out)!r} yet; start afresh")
+        state = load_latest_checkpoint(self.out, map_location=self.rt.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -301,7 +303,7 @@ class Stage1:
 
     def _truncate_log(self, epochs_done: int) -> None:
         """Drop metrics rows of epochs the resumed run will redo (written after the checkpoint)."""
-        path = self.out / "metrics.csv"
+        path = self.rundir.metrics_path
         if not self.rt.is_main or not path.is_file():
             return
         with open(path, newline="") as f:
@@ -321,7 +323,7 @@ class Stage1:
     def _log(self, row: dict) -> None:
         if not self.rt.is_main:
             return
-        path = self.out / "metrics.csv"
+        path = self.rundir.metrics_path
         new = not path.exists()
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(row))
@@ -331,7 +333,7 @@ class Stage1:
         if self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / "tb"))
+            self.tb = SummaryWriter(str(self.rundir.tensorboard_dir))
         for k, v in row.items():
             if k not in ("epoch", "step") and isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, row["step"])
@@ -395,7 +397,7 @@ class Stage1:
                 logits = self.net(x)
                 loss = self.loss_fn(logits, target)
             if not torch.isfinite(loss):
-                good = list_checkpoints(self.out)
+                good = self.rundir.checkpoints()
                 raise LongtailError(
                     f"loss became {loss.item()} at epoch {e + 1}, step {self.step_in_epoch + 1} "
                     f"(lr {lr:.4g}); stopped. The last good checkpoint "
@@ -473,7 +475,7 @@ class Stage1:
         """Save the final and SWA models (BN re-estimated) and their test metrics."""
         results = {"final": self.evaluate(self.model, "test")}
         if self.rt.is_main:
-            atomic_torch_save(self.model.state_dict(), self.out / "model_final.pt")
+            atomic_torch_save(self.model.state_dict(), self.rundir.model_path("final"))
         if self.swa_model is not None and self.swag.n > 0:
             swa = copy.deepcopy(self.swa_model.module)
             refresh_bn(swa, self.bn_batches(), self.rt.autocast())
@@ -482,12 +484,12 @@ class Stage1:
             if "val" in self.loaders:
                 results["swa_val"] = self.evaluate(swa, "val")
             if self.rt.is_main:
-                atomic_torch_save(swa.state_dict(), self.out / "model_swa.pt")
-                atomic_torch_save(self.swag.state_dict(), self.out / "swag.pt")
+                atomic_torch_save(swa.state_dict(), self.rundir.model_path("swa"))
+                atomic_torch_save(self.swag.state_dict(), self.rundir.swag_path)
         if "val" in self.loaders:
             results["final_val"] = self.evaluate(self.model, "val")
         if self.rt.is_main:
-            atomic_write_json(self.out / "stage1.json", results)
+            atomic_write_json(self.rundir.stage1_path, results)  # last: the run is finished
             if self.tb is not None:
                 self.tb.close()
         return results
@@ -514,13 +516,10 @@ def train(
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The resolved config saved in a run directory."""
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        raise LongtailError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    return load_config(p)
+    """The resolved config saved in a run directory (:meth:`RunDir.config`)."""
+    return RunDir(run_dir).config()
 
 
 def read_run_info(run_dir: str | Path) -> dict:
-    """``run.json`` of a run directory."""
-    return json.loads((Path(run_dir) / "run.json").read_text())
+    """``run.json`` of a run directory (:meth:`RunDir.info`)."""
+    return RunDir(run_dir).info()
