@@ -40,3 +40,9 @@ def test_methods_fast_conv_example_runs(capsys) -> None:
     exec(compile(code, str(methods), "exec"), {"__name__": "methods"})
     rel = float(capsys.readouterr().out.strip())
     assert rel < 0.02  # 31 layers of bf16 rounding, not a different function
+    from longtail.models import conv3x3, kernels
+
+    if conv3x3.load_kernel() is not None:  # the kernel ran: two different code paths
+        assert rel > 0, "kernel and oneDNN outputs are identical: the kernel did not run"
+    else:  # without AVX512-BF16 both lines run oneDNN (the allowed skip of test_conv3x3.py)
+        assert kernels.status("conv3x3").startswith("not available on this CPU"), rel
