@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from longtail.data.samplers import SAMPLERS, make_sampler
 from longtail.train.checkpoint import atomic_torch_save, verified_load
+from longtail.train.distributed import shutdown_distributed
 from longtail.train.swag import SWAG
 
 LABELS = np.repeat(np.arange(6), [300, 120, 50, 20, 8, 3])
@@ -63,7 +64,11 @@ def main(out_json: str, swag_path: str) -> None:
     if rank == 0:
         with open(out_json, "w") as f:
             json.dump({"world_size": ws, "shards": shards, "swag_equal": flags}, f)
-    dist.destroy_process_group()
+    # DDP holds the process group: while `net` lives, destroy_process_group cannot free the
+    # group, its gloo threads outlive main() and may release a finished all_gather's tensors
+    # during interpreter shutdown, which aborts the process (see shutdown_distributed).
+    del net
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

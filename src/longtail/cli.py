@@ -382,10 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        import torch.distributed as dist
+        from longtail.train.distributed import shutdown_distributed
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

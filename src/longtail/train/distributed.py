@@ -7,6 +7,7 @@ when ``sync_bn=true`` on CPU. On GPUs ``nn.SyncBatchNorm`` is used.
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import torch
@@ -133,6 +134,28 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group now, while the interpreter is fully alive (no-op without one).
+
+    Why: a gloo process group that outlives ``destroy_process_group`` (because DDP, or this
+    module's BatchNorm group, still holds it) keeps its worker threads until interpreter
+    shutdown. A worker that then frees a finished collective's tensors must take the GIL to drop
+    their Python objects; during finalization that ends the thread inside a ``noexcept`` frame and
+    the process dies with SIGABRT, "terminate called without an active exception" (core dumps:
+    ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` -> ``decref`` -> ``take_gil`` ->
+    ``PyThread_exit_thread`` while the main thread is in ``Py_FinalizeEx``; upstream:
+    pytorch/pytorch#190489, reproduction in docs/DISTRIBUTED.md). Dropping every reference to the
+    groups first lets ``destroy_process_group`` free them and join their threads here.
+    """
+    global _BN_GROUP
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    _BN_GROUP = None
+    gc.collect()  # DDP wrappers caught in reference cycles still hold the default group
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier() -> None:
