@@ -37,6 +37,10 @@ from longtail.models import kernels
 
 MARGIN = 0.05  # a custom kernel must take < (1 - MARGIN) of the baseline's time
 SECONDS = 0.1  # timing budget per candidate
+# A timing whose median call took more than NOISY x its fastest call was taken while other work
+# had the cores (2026-12-03: decisions cached during such a spell timed a 4 ms pass at 1,000 ms
+# and switched the kernels off for good); it is used for this run only, never cached.
+NOISY = 1.5
 BASELINE = "pytorch"
 MODES = ("auto", "on", "off")
 ENV = "LONGTAIL_KERNELS"
@@ -47,10 +51,14 @@ Timer = Callable[[str, Callable[[], object]], float]
 
 @dataclass(frozen=True)
 class Decision:
-    """What :func:`choose` picked for one key, and every candidate's seconds per call."""
+    """What :func:`choose` picked for one key, and every candidate's seconds per call.
+
+    ``noisy``: the timings were disturbed (median call > :data:`NOISY` x the fastest), so the
+    decision holds for this process only and is not written to the cache file."""
 
     choice: str
     seconds: dict[str, float]
+    noisy: bool = False
 
 
 _lock = threading.Lock()
@@ -113,7 +121,7 @@ def _load() -> None:
 def _save() -> None:
     """Merge this process's decisions into the cache file, atomically (temp file + rename)."""
     path = cache_file()
-    merged = _read(path) | _decisions
+    merged = _read(path) | {k: d for k, d in _decisions.items() if not d.noisy}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
     try:
@@ -141,6 +149,14 @@ def time_interleaved(
     """Seconds per call of each candidate, the median of rounds that call each in turn (one
     warm-up round first) until ``seconds`` per candidate are spent: a slow spell of a shared
     machine then slows all of them, not only the one timed during it."""
+    return _timed_rounds(candidates, seconds)[0]
+
+
+def _timed_rounds(
+    candidates: dict[str, Callable[[], object]], seconds: float = SECONDS
+) -> tuple[dict[str, float], float]:
+    """:func:`time_interleaved`'s medians and their spread: the largest median / fastest call
+    ratio over the candidates (1.0 on an undisturbed machine)."""
     for fn in candidates.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -150,7 +166,9 @@ def time_interleaved(
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    spread = max(medians[name] / max(min(t), 1e-12) for name, t in times.items())
+    return medians, spread
 
 
 def choose(
@@ -165,6 +183,8 @@ def choose(
     tensors, without side effects; one must be ``"pytorch"``. A cached decision is returned as
     is; otherwise each is timed by ``timer`` (default: :func:`time_interleaved`), and the fastest
     non-baseline candidate wins only if its time is below ``(1 - margin)`` of the baseline's.
+    A wall-clock timing disturbed by other work (see :data:`NOISY`) decides for this process
+    only; the next process times again.
     """
     if BASELINE not in candidates:
         raise LongtailError(f"autotune {key!r}: candidates {sorted(candidates)} lack {BASELINE!r}")
@@ -178,14 +198,16 @@ def choose(
             _latest[key] = _decisions[k].choice
             return _decisions[k].choice
     timer = timer or _timer
+    noisy = False
     if timer is None:
-        seconds = time_interleaved(candidates)
+        seconds, spread = _timed_rounds(candidates)
+        noisy = spread > NOISY
     else:
         seconds = {name: float(timer(name, fn)) for name, fn in candidates.items()}
     best = min((n for n in seconds if n != BASELINE), key=seconds.__getitem__, default=BASELINE)
     choice = best if seconds[best] < (1 - margin) * seconds[BASELINE] else BASELINE
     with _lock:
-        _decisions[k] = Decision(choice, seconds)
+        _decisions[k] = Decision(choice, seconds, noisy)
         _latest[key] = choice
         _save()
     return choice

@@ -88,7 +88,8 @@ def tune_report(
         lines.append("  no kernel applies at this precision and shape: PyTorch's ops throughout")
     for key, d in table.items():
         times = ", ".join(f"{n} {1e3 * s:.3f} ms" for n, s in sorted(d.seconds.items()))
-        lines.append(f"  {key}: {d.choice:<7} ({times})")
+        flag = ", disturbed: not cached" if d.noisy else ""
+        lines.append(f"  {key}: {d.choice:<7} ({times}{flag})")
     if autotune.apply_step_verdict(model, table):
         lines.append("  => kernels off at this shape: the whole step is faster with PyTorch's ops")
     return lines
