@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.errors import LongtailError
-from longtail.models import autotune, build_model, fused_bn
+from longtail.models import autotune, build_model, fused_bn, kernels
 
 HERE = Path(__file__).parent
 CL = torch.channels_last
@@ -31,6 +31,7 @@ def fresh_cache(tmp_path, monkeypatch):
     yield
     autotune.use_timer(None)
     autotune.forget()
+    autotune.machine_id.cache_clear()  # a test may have faked another machine
 
 
 def scripted(seconds: dict[str, float], calls: list[str]):
@@ -120,6 +121,7 @@ def test_decisions_persist_in_the_machine_cache_file(tmp_path, monkeypatch):
 
     # another torch version (or CPU, or kernel source) is another machine: decided again
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    autotune.machine_id.cache_clear()  # (computed once per process; a new process recomputes)
     assert autotune.cache_file() != path
     timer = scripted({"kernel": 1.0, "pytorch": 2.0}, calls)
     assert autotune.choose("bn|4x16x6x6", bn_candidates({}), timer) == "kernel"
@@ -316,3 +318,31 @@ def test_disturbed_timings_decide_this_run_only(tmp_path, monkeypatch):
 
     assert autotune.choose("noisy|shape", {"kernel": steady, "pytorch": quick}) == "pytorch"
     assert autotune.choose("calm|shape", {"kernel": quick, "pytorch": steady}) == "pytorch"
+
+
+def test_a_decided_shape_costs_no_timing_setup_per_call(monkeypatch):
+    """Guards the per-call cost of kernels=auto that made the default lose to kernels=on by
+    ~15 % of a training step (2026-12-03): every call re-read /proc/cpuinfo and hashed the kernel
+    sources (machine_id), and the fused BatchNorm built its timing candidates (copies of the real
+    tensors) before asking whether the shape was decided. Once decided, a call reads neither."""
+    calls: list[str] = []
+    autotune.use_timer(scripted({"kernel": 1.0, "pytorch": 2.0}, calls))
+    bn = nn.BatchNorm2d(16).train()
+    x = torch.randn(4, 16, 6, 6).contiguous(memory_format=CL).requires_grad_()
+    fused_bn.bn_relu(bn, x).sum().backward()
+    assert calls == ["kernel", "pytorch"]  # decided once, by the timer
+
+    def no_timing(*_args, **_kwargs):
+        raise AssertionError("a decided shape was timed or its candidates were built")
+
+    monkeypatch.setattr(autotune, "choose", no_timing)
+    monkeypatch.setattr(kernels, "cpu_flags", no_timing)
+    monkeypatch.setattr(kernels, "cpu_model", no_timing)
+    clones = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(
+        torch.Tensor, "clone", lambda t, *a, **k: clones.append(1) or real_clone(t, *a, **k)
+    )
+    for _ in range(3):
+        fused_bn.bn_relu(bn, x).sum().backward()
+    assert clones == []
