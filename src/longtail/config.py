@@ -116,7 +116,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
-    compile: bool = False  # torch.compile the training step (a few % on CPU; more on GPU)
+    compile: bool = False  # torch.compile the step: 1.02-1.04x eager on a 2-core CPU (RESULTS.md)
     kernels: str = "auto"  # C kernels (ResNet-32, CPU): auto (where timed faster here) | on | off
     sync_bn: bool = False  # SyncBatchNorm under torchrun (DDP)
     deterministic: bool = False
