@@ -37,7 +37,7 @@ import torch.nn as nn
 from longtail.classify.heads import LinearHead, NCMHead, ScaledHead
 from longtail.errors import LongtailError
 from longtail.fit.export import FILES, export_model
-from longtail.fit.images import BadFile, Preprocessing, decode, list_image_inputs
+from longtail.fit.images import BadFile, BundleMeta, decode, list_image_inputs
 from longtail.models import build_model
 from longtail.train.checkpoint import atomic_torch_save, atomic_write_json
 
@@ -108,22 +108,12 @@ def build_head(spec: dict, num_classes: int, dim: int) -> nn.Module:
 
 
 @dataclass
-class Bundle:
+class Bundle(BundleMeta):
     """A loaded bundle: the network (CPU, eval mode) and its ``bundle.json``."""
 
     dir: Path
     model: DeployedClassifier
     meta: dict
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names, index = output column."""
-        return list(self.meta["classes"])
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """How files become the network's input."""
-        return Preprocessing.from_json(self.meta["preprocessing"])
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:

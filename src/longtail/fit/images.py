@@ -162,6 +162,23 @@ class Preprocessing:
         )
 
 
+class BundleMeta:
+    """What a bundle's ``bundle.json`` (``self.meta``) says about its input and output, shared
+    by the torch bundle and the onnxruntime one (which must not import torch)."""
+
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, index = output column."""
+        return list(self.meta["classes"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How files become the network's input."""
+        return Preprocessing.from_json(self.meta["preprocessing"])
+
+
 def decode(path: str, prep: Preprocessing, tf=None) -> torch.Tensor | BadFile:
     """Pixels of one file, uint8 ``(C, S, S)`` as ``prep`` says, or why it cannot be read."""
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from longtail.errors import LongtailError
-from longtail.fit.images import BadFile, Preprocessing, decode_array
+from longtail.fit.images import BadFile, BundleMeta, decode_array
 
 ONNX_FILE = "model.onnx"
 BUNDLE_JSON = "bundle.json"
@@ -52,7 +52,7 @@ def run_batched(fn, x: np.ndarray, batch: int | None) -> np.ndarray:
 
 
 @dataclass
-class OnnxClassifier:
+class OnnxClassifier(BundleMeta):
     """An ONNX model bundle on onnxruntime.
 
     Attributes:
@@ -65,16 +65,6 @@ class OnnxClassifier:
     meta: dict
     session: object
     batch: int | None
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names, index = output column."""
-        return list(self.meta["classes"])
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """How files become the network's input."""
-        return Preprocessing.from_json(self.meta["preprocessing"])
 
     def decode(self, path: str) -> np.ndarray | BadFile:
         """uint8 ``(C, S, S)`` pixels of one file (Pillow), or why it cannot be read."""
