@@ -44,7 +44,7 @@ from longtail.train.checkpoint import (
 from longtail.train.distributed import average_bn_buffers, convert_sync_bn
 from longtail.train.losses import make_loss, mixup
 from longtail.train.runtime import Runtime, init_distributed, make_runtime, seed_everything
-from longtail.train.schedules import lr_at
+from longtail.train.schedules import lr_at, swa_start_epoch
 from longtail.train.swag import SWAG
 
 # keys that may change between a run and its resume
@@ -115,21 +115,6 @@ def make_loaders(
     if splits.val is not None:
         out["val"] = BatchLoader(splits.val, 512, **common)
     return out
-
-
-def swa_start_epoch(cfg: DictConfig) -> int | None:
-    """First epoch (0-based) whose end adds a snapshot, or ``None`` without SWA."""
-    if not cfg.swa.enabled:
-        return None
-    s = cfg.swa.start
-    if s >= 1 and s != int(s):
-        raise LongtailError(
-            f"swa.start={s}: give a whole epoch number (>= 1) or a fraction of the epochs (< 1)"
-        )
-    start = int(round(s * cfg.optim.epochs)) if s < 1 else int(s)
-    if not 0 <= start < cfg.optim.epochs:
-        raise LongtailError(f"swa.start={s} falls outside the {cfg.optim.epochs} training epochs")
-    return start
 
 
 def _prepare_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
