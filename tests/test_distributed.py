@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from longtail.data.samplers import SAMPLERS, make_sampler
-from longtail.train.checkpoint import list_checkpoints, verified_load
+from longtail.io import verified_load
+from longtail.train.checkpoint import list_checkpoints
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -32,7 +32,7 @@ from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
 from longtail.fit.images import decode
 from longtail.fit.prepare import prepare_user_data
-from longtail.train.checkpoint import verified_load
+from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist
 
