@@ -72,11 +72,12 @@ def _data_keys(out: Path) -> dict:
 def _resolve_overrides(overrides: list[str], out: Path, epochs: int | None) -> DictConfig:
     """The user's overrides resolved over the defaults and validated, before any file is read or
     written: a mistyped key or a bad value fails here, so ``--out`` stays untouched."""
-    for key in FIT_SETS:
-        if any(item.split("=", 1)[0].strip() == key for item in overrides):
-            raise LongtailError(f"{key} is set by `longtail fit` itself; drop that override")
     extra = [f"optim.epochs={epochs}"] if epochs else []
-    return load_config(None, overrides + extra, base={"data": _data_keys(out)})
+    cfg = load_config(None, overrides + extra, base={"data": _data_keys(out)})
+    for key in FIT_SETS:
+        if _given(cfg, overrides, key) is not None:
+            raise LongtailError(f"{key} is set by `longtail fit` itself; drop that override")
+    return cfg
 
 
 def _given(cfg: DictConfig, overrides: list[str], key: str) -> Any:
