@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.data.samplers import SAMPLERS, make_sampler
-from longtail.train.checkpoint import atomic_torch_save, verified_load
-from longtail.train.distributed import shutdown_distributed
+from longtail.distributed import shutdown_distributed
+from longtail.io import atomic_torch_save, verified_load
 from longtail.train.swag import SWAG
 
 LABELS = np.repeat(np.arange(6), [300, 120, 50, 20, 8, 3])

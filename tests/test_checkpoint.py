@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import re
 
 import pytest
 import torch
 
 from longtail.errors import LongtailError
-from longtail.train.checkpoint import (
-    atomic_torch_save,
-    atomic_write_bytes,
-    list_checkpoints,
-    load_latest_checkpoint,
-    save_checkpoint,
-    verified_load,
-)
+from longtail.io import atomic_torch_save, atomic_write_bytes, verified_load
+from longtail.rundir import RunDir
+from longtail.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 
 def state(tag: int) -> dict:
@@ -149,3 +146,47 @@ def test_overwrite_replaces_contents_atomically(tmp_path):
     atomic_torch_save(state(2), path)
     assert_state_equal(verified_load(path), 2)
     assert temp_files(tmp_path) == []
+
+
+class _Payload:
+    """Pickles as a call to ``os.system`` that touches ``marker`` when unpickled."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_planted_pickle_in_a_run_directory_is_refused_and_never_runs(tmp_path):
+    """Guards: verified_load unpickled with weights_only=False, so a checkpoint with a valid
+    checksum dropped into a shared run directory ran its code (here os.system) on --resume."""
+    marker = tmp_path / "code ran"
+    save_checkpoint(state(1), tmp_path, 1, 0)
+    buf = io.BytesIO()
+    torch.save({**state(2), "rng": _Payload(marker)}, buf)  # bypasses atomic_torch_save's check
+    planted = RunDir(tmp_path).checkpoint_path(2, 0)
+    planted.write_bytes(buf.getvalue())
+    planted.with_name(planted.name + ".sha256").write_text(
+        hashlib.sha256(buf.getvalue()).hexdigest() + "\n"
+    )
+    with pytest.raises(LongtailError, match=r"pickled Python object \(posix\.system\).*retrain"):
+        verified_load(planted)
+    with pytest.raises(LongtailError, match=re.escape(str(planted))):
+        load_latest_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_save_refuses_objects_that_would_need_pickle_to_load(tmp_path):
+    """Guards: a checkpoint holding e.g. numpy's RNG state (a tuple with an ndarray) saved fine
+    and then failed only at --resume, once loading uses weights_only=True."""
+    import numpy as np
+
+    path = tmp_path / "state.pt"
+    with pytest.raises(TypeError, match=r"state\['rng'\]\[1\] is a numpy.ndarray.*pickle"):
+        atomic_torch_save({"rng": np.random.RandomState(0).get_state()}, path)
+    assert not path.exists()
+    ok = {"t": torch.get_rng_state(), "n": None, "x": [1, 2.5, "s", (True, b"b")], 3: {"k": 1}}
+    atomic_torch_save(ok, path)
+    got = verified_load(path)
+    assert torch.equal(got["t"], ok["t"]) and got[3] == {"k": 1} and got["x"] == ok["x"]

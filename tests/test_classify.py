@@ -17,7 +17,7 @@ from longtail.classify.run import classify
 from longtail.classify.srepr import srepr_loss
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
-from longtail.train.checkpoint import verified_load
+from longtail.io import verified_load
 
 ALL = ["joint", "ncm", "crt", "tau", "lws", "srepr", "srepr_ce", "swag_bma"]
 METRICS = ["accuracy", "many", "medium", "few", "nll", "ece", "brier", "per_class"]

@@ -24,10 +24,11 @@ from longtail.config import load_config
 from longtail.evaluate import report
 from longtail.fit.bundle import DeployedClassifier, head_spec, save_bundle
 from longtail.fit.images import Preprocessing
+from longtail.io import verified_load
 from longtail.models import build_model
 from longtail.sweep import run_seed
 from longtail.train import loop
-from longtail.train.checkpoint import list_checkpoints, verified_load
+from longtail.train.checkpoint import list_checkpoints
 from longtail.train.loop import Stage1
 from test_cli import TINY_CLI, assert_one_line_error, run_main
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from longtail.data.samplers import SAMPLERS, make_sampler
-from longtail.train.checkpoint import list_checkpoints, verified_load
+from longtail.io import verified_load
+from longtail.train.checkpoint import list_checkpoints
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -181,7 +182,7 @@ def test_shutdown_distributed_joins_every_gloo_thread(tmp_path) -> None:
     import torch.distributed as dist
     import torch.nn as nn
 
-    from longtail.train import distributed
+    from longtail import distributed
 
     torch.randn(64, 64) @ torch.randn(64, 64)  # start PyTorch's own threads first
     nn.Linear(2, 2)(torch.randn(3, 2)).sum().backward()

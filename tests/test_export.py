@@ -28,7 +28,7 @@ from longtail.fit.bundle import DeployedClassifier, head_spec, load_bundle, save
 from longtail.fit.export import ExportError, export_model, nonstandard_ops
 from longtail.fit.images import Preprocessing, decode, decode_array
 from longtail.fit.predict import load_classifier, predict
-from longtail.train.checkpoint import verified_load
+from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist
 README = Path(__file__).resolve().parents[1] / "README.md"

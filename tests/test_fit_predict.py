@@ -32,7 +32,7 @@ from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
 from longtail.fit.images import decode
 from longtail.fit.prepare import prepare_user_data
-from longtail.train.checkpoint import verified_load
+from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist
 
@@ -309,3 +309,37 @@ def test_streamed_images_fit_and_predict_alike(tmp_path):
     assert [p.label for p in onnx_preds] == [p.label for p in preds]
     diffs = [abs(a.probability - b.probability) for a, b in zip(onnx_preds, preds, strict=True)]
     assert max(diffs) < 0.01  # resize rounding only (pixels within 1 level)
+
+
+# ------------------------------------------------------------------ config before files
+CHEAP_FIT = [
+    "device=cpu",
+    "precision=fp32",
+    "optim.epochs=1",
+    "stage2.srepr_samples=2",
+    "stage2.srepr_alpha_grid=[0.5]",
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [("optim.epoch=1", "'optim.epoch'"), ("swa.start=2.5", "swa.start=2.5")],
+)
+def test_bad_override_fails_before_any_file_then_the_fixed_command_runs(
+    tmp_path, capsys, bad, named
+):
+    """Guards: fit read raw override strings and resolved its config only after every image was
+    decoded into OUT/data, so a mistyped key (or a swa.start the recipe's epochs reject) was
+    reported late and the retry with the same --out was refused (folder not empty)."""
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[14, 10, 8], extras=False)
+    out = tmp_path / "out"
+    argv = ["fit", str(tree), "--out", str(out), *CHEAP_FIT]
+    code, _, err = run_main([*argv, bad], capsys)
+    assert code == 2
+    assert err.startswith("longtail: error: ") and len(err.strip().splitlines()) == 1
+    assert named in err
+    assert not out.exists()
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert (out / "bundle" / "model.pt").is_file() and (out / "fit.json").is_file()

@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY
 from longtail.config import load_config
+from longtail.runtime import choose_precision, cpu_supports_bf16, make_runtime
 from longtail.train.loop import Stage1
-from longtail.train.runtime import choose_precision, cpu_supports_bf16, make_runtime
 
 
 def _cpu_flags() -> set[str]:

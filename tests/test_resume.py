@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from longtail.train.checkpoint import list_checkpoints, verified_load
+from longtail.io import verified_load
+from longtail.train.checkpoint import list_checkpoints
 
 SWA_START = 3  # 0-based epoch; digits_lt anneals to swa.lr from there and collects snapshots
 OVERRIDES = [

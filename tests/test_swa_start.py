@@ -6,7 +6,7 @@ import pytest
 
 from longtail.config import load_config
 from longtail.errors import LongtailError
-from longtail.train.loop import swa_start_epoch
+from longtail.train.schedules import swa_start_epoch
 
 
 @pytest.mark.parametrize(("start", "epochs", "expected"), [(0.75, 16, 12), (10, 16, 10), (0, 4, 0)])

@@ -16,14 +16,16 @@ import torch
 
 import longtail
 from longtail.config import diff_configs, load_config
+from longtail.data.build import build_data, make_loaders
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
+from longtail.io import verified_load
 from longtail.models import build_model
 from longtail.models.predict import collect_outputs
+from longtail.runtime import make_runtime
 from longtail.train.bn import refresh_bn
-from longtail.train.checkpoint import list_checkpoints, verified_load
-from longtail.train.loop import Stage1, build_data, make_loaders
-from longtail.train.runtime import make_runtime
+from longtail.train.checkpoint import list_checkpoints
+from longtail.train.loop import Stage1
 from longtail.train.schedules import lr_at
 from longtail.train.swag import flatten_parameters
 

@@ -79,7 +79,7 @@ def cmd_data_summary(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from longtail.config import load_config
     from longtail.rundir import RunDir
-    from longtail.train.loop import Stage1
+    from longtail.train import Stage1
 
     if a.config and "=" in a.config and not Path(a.config).is_file():
         # `train --resume RUN key=value`: argparse gave the first override to CONFIG
@@ -127,7 +127,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
     from longtail.config import load_config
     from longtail.rundir import RunDir
-    from longtail.train.loop import Stage1
+    from longtail.train import Stage1
 
     out = Path(a.out)
     run = RunDir(out)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        from longtail.train.distributed import shutdown_distributed
+        from longtail.distributed import shutdown_distributed
 
         shutdown_distributed()
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from longtail.classify.run import classify
 from longtail.config import load_config
 from longtail.evaluate.report import comparison_table, load_run, write_report
+from longtail.io import atomic_write_json
 from longtail.rundir import RunDir
-from longtail.train.checkpoint import atomic_write_json
-from longtail.train.loop import Stage1
+from longtail.train import Stage1
 
 SUMMARY_KEYS = ("accuracy", "many", "medium", "few", "nll", "ece", "brier")
 

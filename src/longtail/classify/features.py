@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 
 from longtail.data.loader import BatchLoader
+from longtail.distributed import average_bn_buffers, gather_rows, world
+from longtail.io import atomic_torch_save, verified_load
 from longtail.models.predict import collect_outputs
 from longtail.progress import progress
+from longtail.runtime import Runtime
 from longtail.train.bn import refresh_bn
-from longtail.train.checkpoint import atomic_torch_save, verified_load
-from longtail.train.distributed import average_bn_buffers, gather_rows, world
-from longtail.train.runtime import Runtime
 from longtail.train.swag import SWAG
 
 FLOAT16_ABOVE = 50_000_000  # elements; larger banks are stored as float16

@@ -17,16 +17,16 @@ from longtail.classify import methods as M
 from longtail.classify.features import cached, extract, swag_banks
 from longtail.classify.heads import LinearHead
 from longtail.classify.srepr import bma_logits, train_srepr
+from longtail.data.build import build_data, make_loaders
 from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.tables import format_table
+from longtail.io import atomic_write_json, verified_load
 from longtail.models import build_model
 from longtail.progress import progress
 from longtail.rundir import RunDir
-from longtail.train.checkpoint import atomic_write_json, verified_load
-from longtail.train.loop import build_data, make_loaders
-from longtail.train.runtime import init_distributed, make_runtime, seed_everything
+from longtail.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.swag import SWAG
 
 METHODS = ("joint", "ncm", "crt", "tau", "lws", "srepr")

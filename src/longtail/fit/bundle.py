@@ -38,8 +38,8 @@ from longtail.classify.heads import LinearHead, NCMHead, ScaledHead
 from longtail.errors import LongtailError
 from longtail.fit.export import FILES, export_model
 from longtail.fit.images import BadFile, BundleMeta, decode, list_image_inputs
+from longtail.io import atomic_torch_save, atomic_write_json
 from longtail.models import build_model
-from longtail.train.checkpoint import atomic_torch_save, atomic_write_json
 
 FORMAT = "longtail-bundle/1"
 BUNDLE_JSON = "bundle.json"

@@ -2,7 +2,7 @@
 
 1. data (:mod:`longtail.fit.prepare`): read, check, profile, split and materialise the images as
    the ``user`` dataset in ``OUT/data``;
-2. stage 1 (:class:`longtail.train.loop.Stage1`) in ``OUT/run`` with SWA / SWAG and the recipe
+2. stage 1 (:class:`longtail.train.Stage1`) in ``OUT/run`` with SWA / SWAG and the recipe
    of :mod:`longtail.fit.plan` (regularisation scaled to the data size), then every stage-2
    method (:class:`longtail.classify.run.Stage2`) on the cached SWA features;
 3. calibrate each method on validation, choose one (:mod:`longtail.fit.select`);
@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import longtail
 from longtail.classify.run import Stage2, results_table
@@ -33,10 +34,11 @@ from longtail.evaluate.report import write_report
 from longtail.fit.bundle import Bundle, DeployedClassifier, head_spec, save_bundle
 from longtail.fit.images import decode
 from longtail.fit.plan import recipe, recipe_summary
-from longtail.fit.prepare import UserData, prepare_user_data
+from longtail.fit.prepare import UserData, read_user_data, save_user_data
 from longtail.fit.select import MethodScore, choose, score_methods, selection_table
-from longtail.train.checkpoint import atomic_write_json
-from longtail.train.loop import Stage1
+from longtail.io import atomic_write_json
+from longtail.train import Stage1
+from longtail.train.schedules import swa_start_epoch
 
 CHECK_IMAGES = 32  # validation images the export check runs on
 
@@ -59,13 +61,30 @@ class FitResult:
     results: dict
 
 
-def _given(overrides: list[str], key: str):
-    """The value a ``key=value`` override sets (parsed as YAML), or ``None``."""
-    value = None
-    for item in overrides:
-        if item.split("=", 1)[0].strip() == key and "=" in item:
-            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
-    return value
+# keys `longtail fit` sets itself (the user dataset it materialises in OUT/data)
+FIT_SETS = ("data.dataset", "data.root", "data.imbalance")
+
+
+def _data_keys(out: Path) -> dict:
+    return {"dataset": "user", "root": str(out / "data"), "imbalance": None}
+
+
+def _resolve_overrides(overrides: list[str], out: Path, epochs: int | None) -> DictConfig:
+    """The user's overrides resolved over the defaults and validated, before any file is read or
+    written: a mistyped key or a bad value fails here, so ``--out`` stays untouched."""
+    extra = [f"optim.epochs={epochs}"] if epochs else []
+    cfg = load_config(None, overrides + extra, base={"data": _data_keys(out)})
+    for key in FIT_SETS:
+        if _given(cfg, overrides, key) is not None:
+            raise LongtailError(f"{key} is set by `longtail fit` itself; drop that override")
+    return cfg
+
+
+def _given(cfg: DictConfig, overrides: list[str], key: str) -> Any:
+    """``key``'s value in the resolved ``cfg`` when an override sets it, else ``None``."""
+    if any(item.split("=", 1)[0].strip() == key for item in overrides if "=" in item):
+        return OmegaConf.select(cfg, key)
+    return None
 
 
 def _check_out(out: Path) -> None:
@@ -123,21 +142,21 @@ def fit(
     out = Path(out).expanduser().resolve()
     overrides = list(overrides or [])
     _check_out(out)
-    for key in ("data.dataset", "data.root", "data.imbalance"):
-        if _given(overrides, key) is not None:
-            raise LongtailError(f"{key} is set by `longtail fit` itself; drop that override")
-    epochs = epochs or _given(overrides, "optim.epochs")
-    image_size = image_size or _given(overrides, "data.image_size")
-    weights = weights or _given(overrides, "model.weights_path")
-    seed = _given(overrides, "seed") or 0
-    data = prepare_user_data(
+    # nothing is written until the whole config is resolved and checked: the overrides alone
+    # first (before the images are read), then with the recipe the data implies
+    given = _resolve_overrides(overrides, out, epochs)
+    epochs = epochs or _given(given, overrides, "optim.epochs")
+    image_size = image_size or _given(given, overrides, "data.image_size")
+    weights = weights or _given(given, overrides, "model.weights_path")
+    seed = _given(given, overrides, "seed") or 0
+    data = read_user_data(
         train,
         out / "data",
         val,
         test,
         image_size=image_size,
         weights_path=weights,
-        model=_given(overrides, "model.name"),
+        model=_given(given, overrides, "model.name"),
         strict=strict,
         seed=seed,
         log=log,
@@ -147,14 +166,12 @@ def fit(
         n_train,
         plan,
         epochs,
-        _given(overrides, "optim.batch_size"),
-        _given(overrides, "swa.start") or 0.75,
+        _given(given, overrides, "optim.batch_size"),
+        _given(given, overrides, "swa.start") or 0.75,
     )
     base["seed"] = seed
     base["data"] = {
-        "dataset": "user",
-        "root": str(out / "data"),
-        "imbalance": None,
+        **_data_keys(out),
         "image_size": plan.size,
         "padding": max(1, round(plan.size / 8)),
     }
@@ -163,7 +180,9 @@ def fit(
     if not cfg.stage2.calibrate:
         log("note: stage2.calibrate=false ignored: fit always calibrates on validation")
         cfg.stage2.calibrate = True
+    swa_start_epoch(cfg)  # swa.start against the recipe's epochs, still before any write
     log("recipe: " + recipe_summary(cfg, n_train))
+    save_user_data(data)
 
     run_dir = out / "run"
     log(f"stage 1: {cfg.model.name} with SWA / SWAG -> {run_dir}")

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -228,7 +229,7 @@ def _skipped_lines(skipped: list[BadFile]) -> list[str]:
     return lines
 
 
-def prepare_user_data(
+def read_user_data(
     train: str | os.PathLike,
     out: str | os.PathLike,
     val: str | os.PathLike | None = None,
@@ -245,12 +246,13 @@ def prepare_user_data(
     workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> UserData:
-    """Read, check, split, decode and materialise a user's data into ``out``.
+    """Read, check, split and decode a user's data, writing nothing (:func:`save_user_data`
+    materialises the result; :func:`prepare_user_data` does both).
 
     Args:
         train: ImageFolder tree or CSV / list file with the training images (and, unless
             ``val`` / ``test`` are given, the images held out for validation and test).
-        out: folder for ``train.pt``, ``val.pt``, ``test.pt``, ``meta.json``, ``skipped.txt``.
+        out: the folder the data will be saved in (``UserData.root``); not touched here.
         val, test: the user's own validation / test data (same formats), optional.
         image_size, weights_path, model: see :func:`longtail.fit.plan.plan_input`.
         strict: fail on the first unreadable or non-image file instead of skipping it.
@@ -382,13 +384,32 @@ def prepare_user_data(
         f"training split: imbalance factor {imbalance_factor(counts):.3g}; shot splits many "
         f"(> {many}) {sh['many']}, medium {sh['medium']}, few (< {few}) {sh['few']} classes"
     )
-    data = UserData(out, classes, plan, prep, splits, skipped, excluded, origins)
+    return UserData(out, classes, plan, prep, splits, skipped, excluded, origins)
+
+
+def save_user_data(data: UserData) -> None:
+    """Materialise ``data`` in ``data.root``: ``{train,val,test}.pt``, ``meta.json`` and
+    ``skipped.txt`` (the folder is created)."""
+    out = data.root
     out.mkdir(parents=True, exist_ok=True)
-    for what, ds in splits.items():
+    for what, ds in data.splits.items():
         save_user_split(ds, out, what)
     meta = json.dumps(data.summary(), indent=2, ensure_ascii=False) + "\n"
     (out / "meta.json").write_text(meta, encoding="utf-8")
     (out / "skipped.txt").write_text(
-        "".join(f"{b.path}\t{b.reason}\n" for b in skipped), encoding="utf-8"
+        "".join(f"{b.path}\t{b.reason}\n" for b in data.skipped), encoding="utf-8"
     )
+
+
+def prepare_user_data(
+    train: str | os.PathLike,
+    out: str | os.PathLike,
+    val: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> UserData:
+    """Read, check, split, decode and materialise a user's data into ``out``:
+    :func:`read_user_data` (same arguments) then :func:`save_user_data`."""
+    data = read_user_data(train, out, val, test, **kwargs)
+    save_user_data(data)
     return data

@@ -19,7 +19,7 @@ import torch
 
 from longtail.models import autotune, conv3x3, fused_bn, kernels
 from longtail.models.registry import build_model
-from longtail.train.runtime import cpu_supports_bf16
+from longtail.runtime import cpu_supports_bf16
 
 ISAS = [("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX512F", "avx512f")]
 ISAS += [("AVX2", "avx2"), ("ARM NEON/ASIMD", "asimd")]

@@ -13,13 +13,7 @@ from pathlib import Path
 import torch
 
 from longtail.errors import LongtailError
-from longtail.io import (  # noqa: F401 - re-exported: checkpoints are written through these
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    verified_load,
-)
+from longtail.io import atomic_torch_save, verified_load
 from longtail.rundir import RunDir
 
 KEEP = 2

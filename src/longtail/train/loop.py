@@ -24,27 +24,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel
 
 from longtail.config import diff_configs, load_config, to_yaml
+from longtail.data.build import build_data, make_loaders
 from longtail.data.loader import BatchLoader
-from longtail.data.prepare import DataSplits, prepare_data
 from longtail.data.samplers import make_sampler
+from longtail.distributed import average_bn_buffers, convert_sync_bn
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import evaluate_logits
+from longtail.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from longtail.models import autotune, build_model
 from longtail.models.predict import collect_outputs
 from longtail.progress import format_seconds, progress
 from longtail.rundir import RunDir
+from longtail.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.bn import refresh_bn
-from longtail.train.checkpoint import (
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    load_latest_checkpoint,
-    save_checkpoint,
-)
-from longtail.train.distributed import average_bn_buffers, convert_sync_bn
+from longtail.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from longtail.train.losses import make_loss, mixup
-from longtail.train.runtime import Runtime, init_distributed, make_runtime, seed_everything
-from longtail.train.schedules import lr_at
+from longtail.train.schedules import lr_at, swa_start_epoch
 from longtail.train.swag import SWAG
 
 # keys that may change between a run and its resume
@@ -73,63 +68,6 @@ def git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def build_data(cfg: DictConfig) -> DataSplits:
-    """The run's train / val / test splits from ``cfg.data``."""
-    d = cfg.data
-    return prepare_data(
-        d.dataset,
-        d.root,
-        d.imbalance,
-        d.profile,
-        d.subset_seed,
-        d.val_per_class,
-        d.download,
-        d.list_dir,
-        d.n_max,
-    )
-
-
-def make_loaders(
-    cfg: DictConfig, splits: DataSplits, rt: Runtime, batch_size: int | None = None
-) -> dict[str, BatchLoader]:
-    """``train`` (augmented), ``train_eval`` (plain), ``val`` and ``test`` loaders."""
-    d = cfg.data
-    common = {
-        "device": rt.device,
-        "padding": d.padding,
-        "flip": d.flip,
-        "image_size": d.image_size,
-        "num_workers": d.num_workers,
-        "channels_last": rt.channels_last,
-    }
-    bs = batch_size or max(cfg.optim.batch_size // rt.world_size, 1)
-    out = {
-        "train": BatchLoader(
-            splits.train, bs, train=True, seed=cfg.seed, color_jitter=d.color_jitter, **common
-        ),
-        "train_eval": BatchLoader(splits.train, 512, **common),
-        "test": BatchLoader(splits.test, 512, **common),
-    }
-    if splits.val is not None:
-        out["val"] = BatchLoader(splits.val, 512, **common)
-    return out
-
-
-def swa_start_epoch(cfg: DictConfig) -> int | None:
-    """First epoch (0-based) whose end adds a snapshot, or ``None`` without SWA."""
-    if not cfg.swa.enabled:
-        return None
-    s = cfg.swa.start
-    if s >= 1 and s != int(s):
-        raise LongtailError(
-            f"swa.start={s}: give a whole epoch number (>= 1) or a fraction of the epochs (< 1)"
-        )
-    start = int(round(s * cfg.optim.epochs)) if s < 1 else int(s)
-    if not 0 <= start < cfg.optim.epochs:
-        raise LongtailError(f"swa.start={s} falls outside the {cfg.optim.epochs} training epochs")
-    return start
 
 
 def _prepare_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 
+from omegaconf import DictConfig
+
+from longtail.errors import LongtailError
+
 
 def lr_at(
     epoch: float,
@@ -43,3 +47,18 @@ def lr_at(
         return swa_lr
     t = (epoch - swa_start) / swa_anneal_epochs
     return swa_lr + (start_lr - swa_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def swa_start_epoch(cfg: DictConfig) -> int | None:
+    """First epoch (0-based) whose end adds a snapshot, or ``None`` without SWA."""
+    if not cfg.swa.enabled:
+        return None
+    s = cfg.swa.start
+    if s >= 1 and s != int(s):
+        raise LongtailError(
+            f"swa.start={s}: give a whole epoch number (>= 1) or a fraction of the epochs (< 1)"
+        )
+    start = int(round(s * cfg.optim.epochs)) if s < 1 else int(s)
+    if not 0 <= start < cfg.optim.epochs:
+        raise LongtailError(f"swa.start={s} falls outside the {cfg.optim.epochs} training epochs")
+    return start
