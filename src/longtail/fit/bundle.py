@@ -37,12 +37,18 @@ import torch.nn as nn
 from longtail.classify.heads import LinearHead, NCMHead, ScaledHead
 from longtail.errors import LongtailError
 from longtail.fit.export import FILES, export_model
-from longtail.fit.images import BadFile, BundleMeta, decode, list_image_inputs
+from longtail.fit.images import (
+    BUNDLE_JSON,
+    BadFile,
+    BundleMeta,
+    decode,
+    find_bundle,
+    list_image_inputs,
+)
 from longtail.io import atomic_torch_save, atomic_write_json
 from longtail.models import build_model
 
 FORMAT = "longtail-bundle/1"
-BUNDLE_JSON = "bundle.json"
 WEIGHTS = "model.pt"
 CHECK_IMAGES = "check.pt"
 CHECK_FORMAT = "longtail-check-images/1"
@@ -286,14 +292,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     Raises:
         LongtailError: no ``bundle.json`` / ``model.pt``, or files that do not match.
     """
-    p = Path(path).expanduser()
-    if not (p / BUNDLE_JSON).is_file() and (p / "bundle" / BUNDLE_JSON).is_file():
-        p = p / "bundle"
-    if not (p / BUNDLE_JSON).is_file():
-        raise LongtailError(
-            f"{str(path)!r} holds no model bundle ({BUNDLE_JSON}); give the --out folder of "
-            "`longtail fit` or its bundle/ sub-folder"
-        )
+    p = find_bundle(path)
     try:
         meta = json.loads((p / BUNDLE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import numpy as np
 from PIL import Image
 
+from longtail.errors import LongtailError
 from longtail.imaging import exif_orientation, pil_to_rgb
 
 if TYPE_CHECKING:
@@ -160,6 +161,26 @@ class Preprocessing:
                 v2.CenterCrop(self.size),
             ]
         )
+
+
+BUNDLE_JSON = "bundle.json"  # a bundle's description, next to its network files
+
+
+def find_bundle(path: str | os.PathLike) -> Path:
+    """The bundle folder for ``path``: ``FIT_DIR/bundle`` or ``FIT_DIR`` itself.
+
+    Raises:
+        LongtailError: neither holds ``bundle.json``.
+    """
+    p = Path(path).expanduser()
+    if not (p / BUNDLE_JSON).is_file() and (p / "bundle" / BUNDLE_JSON).is_file():
+        p = p / "bundle"
+    if not (p / BUNDLE_JSON).is_file():
+        raise LongtailError(
+            f"{str(path)!r} holds no model bundle ({BUNDLE_JSON}); give the --out folder of "
+            "`longtail fit` or its bundle/ sub-folder"
+        )
+    return p
 
 
 class BundleMeta:

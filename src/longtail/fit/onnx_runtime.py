@@ -18,22 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from longtail.errors import LongtailError
-from longtail.fit.images import BadFile, BundleMeta, decode_array
+from longtail.fit.images import BUNDLE_JSON, BadFile, BundleMeta, decode_array, find_bundle
 
 ONNX_FILE = "model.onnx"
-BUNDLE_JSON = "bundle.json"
-
-
-def _find_bundle(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    if not (p / BUNDLE_JSON).is_file() and (p / "bundle" / BUNDLE_JSON).is_file():
-        p = p / "bundle"
-    if not (p / BUNDLE_JSON).is_file():
-        raise LongtailError(
-            f"{str(path)!r} holds no model bundle ({BUNDLE_JSON}); give the --out folder of "
-            "`longtail fit` or its bundle/ sub-folder"
-        )
-    return p
 
 
 def run_batched(fn, x: np.ndarray, batch: int | None) -> np.ndarray:
@@ -102,7 +89,7 @@ def load_onnx(
             "--runtime onnx needs onnxruntime: pip install 'longtail[export]' "
             "(or pip install onnxruntime)"
         ) from None
-    d = _find_bundle(path)
+    d = find_bundle(path)
     try:
         meta = json.loads((d / BUNDLE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
