@@ -194,15 +194,12 @@ def choose(
     """
     if BASELINE not in candidates:
         raise LongtailError(f"autotune {key!r}: candidates {sorted(candidates)} lack {BASELINE!r}")
+    known = cached(key)
+    if known in candidates:
+        return known
     k = full_key(key)
     with _lock:
-        _used.add(k)
-        for met in _recorders:
-            met.add(k)
-        _load()
-        if k in _decisions and _decisions[k].choice in candidates:
-            _latest[key] = _decisions[k].choice
-            return _decisions[k].choice
+        _record(k)
     timer = timer or _timer
     noisy = False
     if timer is None:
@@ -229,11 +226,17 @@ def cached(key: str) -> str | None:
         d = _decisions.get(k)
         if d is None:
             return None
-        _used.add(k)
-        for met in _recorders:
-            met.add(k)
+        _record(k)
         _latest[key] = d.choice
         return d.choice
+
+
+def _record(k: str) -> None:
+    """Note that full key ``k`` was asked for (:func:`used`, open :func:`tune_model` calls);
+    the caller holds ``_lock``."""
+    _used.add(k)
+    for met in _recorders:
+        met.add(k)
 
 
 def lookup(key: str) -> str | None:
