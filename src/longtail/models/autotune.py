@@ -103,7 +103,12 @@ def machine_id() -> str:
 
 def cache_file() -> Path:
     """Where this machine's decisions are kept: ``<kernel cache>/autotune-<machine_id>.json``."""
-    return kernels.cache_dir() / f"autotune-{machine_id()}.json"
+    return _cache_file(kernels.cache_dir(), machine_id())
+
+
+@functools.cache
+def _cache_file(folder: Path, machine: str) -> Path:
+    return folder / f"autotune-{machine}.json"
 
 
 def _read(path: Path) -> dict[str, Decision]:

@@ -236,7 +236,7 @@ def _use_kernel(mode: str, what: str, x: torch.Tensor, co: int, stride: int, ker
     :func:`autotune.choose` decides between the two zero-argument callables."""
     if mode == "on":
         return True
-    key = f"{NAME}.{what}|{'x'.join(map(str, x.shape))}->{co}|stride={stride}"
+    key = _key(what, x, co, stride)
     if torch.compiler.is_compiling():
         return autotune.lookup(key) == "kernel"
     return autotune.choose(key, {"kernel": kernel, autotune.BASELINE: pytorch}) == "kernel"
@@ -347,6 +347,28 @@ def _applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
+def _pass_keys(conv: nn.Conv2d, x: torch.Tensor) -> list[str]:
+    """Autotune keys of the passes the kernel could serve for ``conv`` on ``x``."""
+    s = conv.stride[0]
+    whats = ("forward", "input_grad", "weight_grad") if s == 1 else ("weight_grad",)
+    return [_key(what, x, conv.out_channels, s) for what in whats]
+
+
+def _key(what: str, x: torch.Tensor, co: int, stride: int) -> str:
+    """Autotune key of pass ``what`` on input ``x`` with ``co`` output channels."""
+    return f"{NAME}.{what}|{'x'.join(map(str, x.shape))}->{co}|stride={stride}"
+
+
+def _all_pytorch(conv: nn.Conv2d, x: torch.Tensor, mode: str) -> bool:
+    """Under ``"auto"``: every pass of this shape already decided for PyTorch, so ``conv(x)``
+    runs as is, with autograd's single backward call, not through :class:`_Conv3x3` (whose
+    per-pass wrapper and split backward cost ~8 ms of a ~110 ms ResNet-32 step on an AMX Xeon,
+    where oneDNN wins every pass; docs/RESULTS.md, issue 16)."""
+    return mode == "auto" and all(
+        autotune.cached(k) == autotune.BASELINE for k in _pass_keys(conv, x)
+    )
+
+
 def _compiled_all_kernel(conv: nn.Conv2d, x: torch.Tensor, mode: str) -> bool:
     """Under torch.compile: the kernel op (whose autograd runs the kernel's backward passes)
     when ``mode`` is on or all three passes were decided for the kernel in eager runs."""
@@ -372,6 +394,7 @@ def conv3x3_fork(
         and conv.stride == (1, 1)
         and not torch.compiler.is_compiling()
         and _applies(conv, x)
+        and not _all_pytorch(conv, x, kernels)
     ):
         return _Conv3x3Fork.apply(x, conv.weight, kernels)
     return conv3x3(conv, x, kernels), x
@@ -391,4 +414,6 @@ def conv3x3(conv: nn.Conv2d, x: torch.Tensor, kernels: str = "auto") -> torch.Te
         return conv(x)
     if torch.compiler.is_compiling():
         return forward(x, conv.weight) if _compiled_all_kernel(conv, x, kernels) else conv(x)
+    if _all_pytorch(conv, x, kernels):
+        return conv(x)
     return _Conv3x3.apply(x, conv.weight, conv.stride[0], kernels)
