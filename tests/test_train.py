@@ -261,7 +261,7 @@ def test_resume_with_a_different_config_is_refused_naming_the_key(swa_run):
 
 def test_resume_accepts_a_changed_mutable_key_and_restores_the_state(swa_run):
     before = _dir_state(swa_run.dir)
-    cfg = load_config("digits_lt", [*swa_run.overrides, "stage2.epochs=7", "log_every_steps=3"])
+    cfg = load_config("digits_lt", [*swa_run.overrides, "stage2.epochs=7", "data.num_workers=1"])
     s = Stage1(cfg, swa_run.dir, resume=True)
     assert (s.epoch, s.step_in_epoch) == (6, 0)
     assert s.global_step == 6 * _steps_per_epoch(swa_run)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel
 
 from longtail.config import diff_configs, load_config, to_yaml
@@ -46,7 +46,6 @@ from longtail.train.swag import SWAG
 RESUME_MUTABLE = (
     "device",
     "optim.grad_clip",
-    "log_every_steps",
     "checkpoint_every_steps",
     "data.num_workers",
     "data.root",
@@ -440,24 +439,3 @@ class Stage1:
         if limit > 0:
             idx = idx[: limit * self.cfg.optim.batch_size]
         return loader.batches(idx[self.rt.rank :: self.rt.world_size])
-
-
-def train(
-    cfg: DictConfig | str, out: str | Path, overrides: list[str] | None = None, resume: bool = False
-) -> dict:
-    """Run stage 1 from a config (object or YAML path) into run directory ``out``."""
-    if not isinstance(cfg, DictConfig):
-        cfg = load_config(cfg, overrides)
-    elif overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    return Stage1(cfg, out, resume).fit()
-
-
-def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The resolved config saved in a run directory (:meth:`RunDir.config`)."""
-    return RunDir(run_dir).config()
-
-
-def read_run_info(run_dir: str | Path) -> dict:
-    """``run.json`` of a run directory (:meth:`RunDir.info`)."""
-    return RunDir(run_dir).info()
