@@ -1,4 +1,4 @@
-"""Deployable files (issue 20): ONNX, pt2 and TorchScript exports of real bundles, checked.
+"""Deployable files: ONNX, pt2 and TorchScript exports of real bundles, checked.
 
 The fitted bundle is the session fixture ``fitted`` of conftest.py (``longtail fit`` on a
 long-tailed Fashion-MNIST PNG folder, which writes ``model.onnx``); bundles with other heads are

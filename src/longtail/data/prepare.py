@@ -1,8 +1,8 @@
 """From a dataset name to train / val / test splits ready for training.
 
-Balanced datasets (digits, Fashion-MNIST, CIFAR) get the long-tailed subset of METHOD.md §2.1
-and a class-balanced validation hold-out disjoint from it. Natively long-tailed datasets keep
-their own lists; without a val list, a small balanced hold-out is carved from train.
+Balanced datasets (digits, Fashion-MNIST, CIFAR) get the long-tailed subset of docs/METHODS.md,
+"Data", and a class-balanced validation hold-out disjoint from it. Natively long-tailed datasets
+keep their own lists; without a val list, a small balanced hold-out is carved from train.
 """
 
 from __future__ import annotations
