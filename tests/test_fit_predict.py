@@ -31,7 +31,7 @@ from longtail.data.prepare import prepare_data
 from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
 from longtail.fit.images import decode
-from longtail.fit.prepare import prepare_user_data
+from longtail.fit.ingest import prepare_user_data
 from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist

@@ -21,7 +21,7 @@ from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
 from longtail.io import verified_load
 from longtail.models import build_model
-from longtail.models.predict import collect_outputs
+from longtail.models.inference import collect_outputs
 from longtail.runtime import make_runtime
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import list_checkpoints

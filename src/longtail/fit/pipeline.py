@@ -1,6 +1,6 @@
 """``longtail fit``: a user's folder or CSV in, a calibrated, deployable model bundle out.
 
-1. data (:mod:`longtail.fit.prepare`): read, check, profile, split and materialise the images as
+1. data (:mod:`longtail.fit.ingest`): read, check, profile, split and materialise the images as
    the ``user`` dataset in ``OUT/data``;
 2. stage 1 (:class:`longtail.train.Stage1`) in ``OUT/run`` with SWA / SWAG and the recipe
    of :mod:`longtail.fit.plan` (regularisation scaled to the data size), then every stage-2
@@ -33,8 +33,8 @@ from longtail.errors import LongtailError
 from longtail.evaluate.report import write_report
 from longtail.fit.bundle import Bundle, DeployedClassifier, head_spec, save_bundle
 from longtail.fit.images import decode
+from longtail.fit.ingest import UserData, read_user_data, save_user_data
 from longtail.fit.plan import recipe, recipe_summary
-from longtail.fit.prepare import UserData, read_user_data, save_user_data
 from longtail.fit.select import MethodScore, choose, score_methods, selection_table
 from longtail.io import atomic_write_json
 from longtail.train import Stage1

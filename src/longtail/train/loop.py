@@ -32,7 +32,7 @@ from longtail.errors import LongtailError
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from longtail.models import autotune, build_model
-from longtail.models.predict import collect_outputs
+from longtail.models.inference import collect_outputs
 from longtail.progress import format_seconds, progress
 from longtail.rundir import RunDir
 from longtail.runtime import init_distributed, make_runtime, seed_everything
