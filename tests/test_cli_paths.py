@@ -102,7 +102,10 @@ def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
     assert (out / "report.html").is_file()
     stamp = (out / "seed0" / "model_final.pt").stat().st_mtime_ns
     logs: list[str] = []
-    assert run_seed("digits_lt", 0, out, TINY_CLI, False, logs.append) == out / "seed0"
+    assert (
+        run_seed("digits_lt", 0, out, overrides=TINY_CLI, vary_subset=False, log=logs.append)
+        == out / "seed0"
+    )
     assert logs == [f"seed 0: stage 1 already done in {out / 'seed0'}"]
     assert (out / "seed0" / "model_final.pt").stat().st_mtime_ns == stamp
 
@@ -186,7 +189,7 @@ def _tiny_bundle(out: Path) -> None:
         "head": head_spec(head),
     }
     meta = {"classes": ["a", "b", "c"], "preprocessing": prep.to_json(), "temperature": 1.0}
-    save_bundle(out, model, spec, meta, torch.rand(4, 1, 8, 8))
+    save_bundle(out, model, spec=spec, meta=meta, check_inputs=torch.rand(4, 1, 8, 8))
 
 
 def test_predict_on_a_bundle_whose_weights_are_not_a_torch_file(tmp_path, capsys):
@@ -229,7 +232,7 @@ def test_weights_file_is_loaded_into_the_backbone(tmp_path):
     net = tvr.ResNet(tvr.BasicBlock, [1, 1, 1, 1])
     w = tmp_path / "r10.pth"
     torch.save(net.state_dict(), w)
-    model = build_model("resnet10", 4, 3, str(w))
+    model = build_model("resnet10", 4, 3, weights_path=str(w))
     for key, value in net.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(model.body.state_dict()[key], value), key

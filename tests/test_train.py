@@ -298,7 +298,7 @@ def test_nan_loss_stops_with_epoch_step_lr_and_keeps_checkpoints(tmp_path):
     assert m, msg
     assert not math.isfinite(float(m.group(1)))
     spe = 584 // 64
-    want = lr_at(2 / spe, 1e30, 2, cfg.optim.warmup_epochs, "cosine")
+    want = lr_at(2 / spe, 1e30, 2, warmup_epochs=cfg.optim.warmup_epochs, schedule="cosine")
     assert float(m.group(2)) == pytest.approx(want, rel=1e-3)
     ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["ckpt-0000-0000001.pt"]

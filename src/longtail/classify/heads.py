@@ -77,6 +77,7 @@ def train_head(
     params: list[nn.Parameter],
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
+    *,
     epochs: int,
     lr: float,
     weight_decay: float,

@@ -16,14 +16,14 @@ def build_data(cfg: DictConfig) -> DataSplits:
     d = cfg.data
     return prepare_data(
         d.dataset,
-        d.root,
-        d.imbalance,
-        d.profile,
-        d.subset_seed,
-        d.val_per_class,
-        d.download,
-        d.list_dir,
-        d.n_max,
+        root=d.root,
+        imbalance=d.imbalance,
+        profile=d.profile,
+        seed=d.subset_seed,
+        val_per_class=d.val_per_class,
+        download=d.download,
+        list_dir=d.list_dir,
+        n_max=d.n_max,
     )
 
 

@@ -111,6 +111,7 @@ def _check_inputs(data: UserData) -> torch.Tensor:
 def fit(
     train: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     val: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     epochs: int | None = None,
@@ -152,8 +153,8 @@ def fit(
     data = read_user_data(
         train,
         out / "data",
-        val,
-        test,
+        val=val,
+        test=test,
         image_size=image_size,
         weights_path=weights,
         model=_given(given, overrides, "model.name"),
@@ -165,9 +166,9 @@ def fit(
     base = recipe(
         n_train,
         plan,
-        epochs,
-        _given(given, overrides, "optim.batch_size"),
-        _given(given, overrides, "swa.start") or 0.75,
+        epochs=epochs,
+        batch_size=_given(given, overrides, "optim.batch_size"),
+        swa_start=_given(given, overrides, "swa.start") or 0.75,
     )
     base["seed"] = seed
     base["data"] = {
@@ -192,7 +193,7 @@ def fit(
     results = s2.run(["all"])
     log(results_table(results))
     d = cfg.data
-    scores = score_methods(s2.heads, s2.features(), s2.counts, d.many_shot, d.few_shot)
+    scores = score_methods(s2.heads, s2.features(), s2.counts, many=d.many_shot, few=d.few_shot)
     best = choose(scores)
     log(selection_table(scores, best.name))
 
@@ -228,7 +229,9 @@ def fit(
         "longtail_version": longtail.__version__,
         "torch_version": torch.__version__,
     }
-    bundle = save_bundle(out / "bundle", model, spec, meta, _check_inputs(data), log=log)
+    bundle = save_bundle(
+        out / "bundle", model, spec=spec, meta=meta, check_inputs=_check_inputs(data), log=log
+    )
     checked = [
         f"{r['file']} matches to {r['max_abs_diff']:.2g}"
         for r in bundle.meta["exports"].values()

@@ -114,7 +114,7 @@ class Stage1:
             cfg.model.name,
             self.splits.train.num_classes,
             self.splits.train.channels,
-            cfg.model.weights_path,
+            weights_path=cfg.model.weights_path,
             kernels=cfg.kernels,
         )
         self.model.to(self.rt.device)
@@ -142,11 +142,11 @@ class Stage1:
         self.sampler = make_sampler(
             cfg.sampler.name,
             self.splits.train.labels.numpy(),
-            cfg.seed,
-            cfg.sampler.q,
-            o.epochs,
-            self.rt.rank,
-            self.rt.world_size,
+            seed=cfg.seed,
+            q=cfg.sampler.q,
+            total_epochs=o.epochs,
+            rank=self.rt.rank,
+            world_size=self.rt.world_size,
         )
         self.swa_start = swa_start_epoch(cfg)
         self.swa_model = AveragedModel(self.model) if self.swa_start is not None else None
@@ -282,13 +282,13 @@ class Stage1:
             epoch_float,
             o.lr,
             o.epochs,
-            o.warmup_epochs,
-            o.schedule,
-            list(o.milestones),
-            o.gamma,
-            self.swa_start,
-            self.cfg.swa.lr,
-            self.cfg.swa.anneal_epochs,
+            warmup_epochs=o.warmup_epochs,
+            schedule=o.schedule,
+            milestones=list(o.milestones),
+            gamma=o.gamma,
+            swa_start=self.swa_start,
+            swa_lr=self.cfg.swa.lr,
+            swa_anneal_epochs=self.cfg.swa.anneal_epochs,
         )
 
     def _average(self) -> None:
@@ -328,7 +328,11 @@ class Stage1:
             target = y
             if cfg.loss.mixup_alpha > 0:
                 x, target = mixup(
-                    x, y, len(self.counts), cfg.loss.mixup_alpha, self.loaders["train"].generator
+                    x,
+                    y,
+                    len(self.counts),
+                    alpha=cfg.loss.mixup_alpha,
+                    generator=self.loaders["train"].generator,
                 )
             with rt.autocast():
                 logits = self.net(x)
