@@ -151,6 +151,17 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, capsys, monkeypatc
     assert not out.exists()
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_directory(tmp_path, capsys):
+    """digits-LT trains on 584 images. Guards: the check ran after the run directory was made
+    (and after the model was built and its kernels timed), leaving an empty folder behind."""
+    out = tmp_path / "r"
+    argv = ["train", "digits_lt", *TINY_CLI, "optim.batch_size=1024", "--out", str(out)]
+    line = assert_one_line_error(*run_main(argv, capsys))
+    assert "optim.batch_size=1024 exceeds the 584 training images" in line
+    assert "use optim.batch_size=584 or less" in line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("method", ["tau", "srepr"])
 def test_methods_that_choose_on_validation_need_a_validation_split(
     swa_run, tmp_path, capsys, method

@@ -343,3 +343,32 @@ def test_bad_override_fails_before_any_file_then_the_fixed_command_runs(
     code, _, err = run_main(argv, capsys)
     assert code == 0, err
     assert (out / "bundle" / "model.pt").is_file() and (out / "fit.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("bad", "world_size", "named"),
+    [
+        # the tree's 32 images leave 23 to train on after the test and validation hold-outs
+        ("optim.batch_size=64", 1, "optim.batch_size=64 exceeds the 23 training images"),
+        # the recipe's own batch (16 for 23 images) among 3 torchrun processes
+        (None, 3, "optim.batch_size=16 (the global batch) must be divisible by the 3 processes"),
+    ],
+)
+def test_a_batch_stage_1_would_refuse_fails_before_any_file(
+    tmp_path, capsys, monkeypatch, bad, world_size, named
+):
+    """Guards: stage 1's batch checks (larger than the training set, not divisible by the
+    world size) ran only after fit had decoded every image into OUT/data, so the retry with the
+    same --out was refused (folder not empty). Now fit runs them on the resolved config first."""
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[14, 10, 8], extras=False)
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))  # what torchrun sets; read by fit
+    argv = ["fit", str(tree), "--out", str(out), *CHEAP_FIT, *([bad] if bad else [])]
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 2
+    assert err.startswith("longtail: error: ") and len(err.strip().splitlines()) == 1
+    assert named in err
+    assert "optim.batch_size=" in err.split(named, 1)[1]  # and a value that works
+    assert "training split:" in stdout  # refused on the resolved config, after reading the data
+    assert not out.exists()

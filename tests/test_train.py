@@ -16,7 +16,10 @@ import torch
 
 import longtail
 from longtail.config import diff_configs, load_config
-from longtail.data.build import build_data, make_loaders
+from longtail.data.build import build_data, check_batch_size, make_loaders
+from longtail.data.loader import BatchLoader
+from longtail.data.prepare import prepare_data
+from longtail.data.samplers import make_sampler
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
 from longtail.io import verified_load
@@ -269,6 +272,33 @@ def test_resume_accepts_a_changed_mutable_key_and_restores_the_state(swa_run):
     final = verified_load(swa_run.dir / "model_final.pt")
     assert all(torch.equal(v, final[k]) for k, v in s.model.state_dict().items())
     assert _dir_state(swa_run.dir) == before  # constructing does not write
+
+
+def test_check_batch_size_refuses_exactly_the_batches_that_give_no_step():
+    """``check_batch_size`` (run by fit before it writes, and by Stage1) against what stage 1
+    computes: each process's draws per epoch (the sampler) in full batches (the loader, the last
+    partial batch dropped). Guards: the early check drifting from the real step count, which
+    would refuse a working batch or let an empty epoch through."""
+    splits = prepare_data("digits", imbalance=10, val_per_class=5)
+    for n in (1, 7, 16, 23):
+        ds = splits.train.subset(np.arange(n))
+        for world in (1, 2, 3):
+            for batch in range(world, 40, world):
+                sampler = make_sampler("instance", ds.labels.numpy(), world_size=world)
+                loader = BatchLoader(ds, batch // world)
+                steps = loader.num_batches(len(sampler), drop_last=True)
+                if steps:
+                    assert check_batch_size(batch, world, n) == batch // world
+                else:
+                    with pytest.raises(LongtailError, match=f"exceeds the {n} training") as e:
+                        check_batch_size(batch, world, n)
+                    most = int(str(e.value).rsplit("optim.batch_size=", 1)[1].split()[0])
+                    assert most % world == 0 and 0 < most < batch
+                    assert loader.num_batches(len(sampler), drop_last=True) == 0
+                    ok = BatchLoader(ds, most // world).num_batches(len(sampler), drop_last=True)
+                    assert ok >= 1  # the value the message suggests works
+        with pytest.raises(LongtailError, match="divisible by the 3 processes.*batch_size=6"):
+            check_batch_size(8, 3)
 
 
 def test_new_run_into_an_existing_run_directory_is_refused(swa_run):

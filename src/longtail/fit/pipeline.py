@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 import longtail
 from longtail.classify.run import Stage2, results_table
 from longtail.config import load_config
+from longtail.data.build import check_batch_size
 from longtail.errors import LongtailError
 from longtail.evaluate.report import write_report
 from longtail.fit.bundle import Bundle, DeployedClassifier, head_spec, save_bundle
@@ -37,6 +38,7 @@ from longtail.fit.ingest import UserData, read_user_data, save_user_data
 from longtail.fit.plan import recipe, recipe_summary
 from longtail.fit.select import MethodScore, choose, score_methods, selection_table
 from longtail.io import atomic_write_json
+from longtail.runtime import world_size_from_env
 from longtail.train import Stage1
 from longtail.train.schedules import swa_start_epoch
 
@@ -182,6 +184,7 @@ def fit(
         log("note: stage2.calibrate=false ignored: fit always calibrates on validation")
         cfg.stage2.calibrate = True
     swa_start_epoch(cfg)  # swa.start against the recipe's epochs, still before any write
+    check_batch_size(cfg.optim.batch_size, world_size_from_env(), n_train)  # what stage 1 checks
     log("recipe: " + recipe_summary(cfg, n_train))
     save_user_data(data)
 

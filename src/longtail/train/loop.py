@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel
 
 from longtail.config import diff_configs, load_config, to_yaml
-from longtail.data.build import build_data, make_loaders
+from longtail.data.build import build_data, check_batch_size, make_loaders
 from longtail.data.loader import BatchLoader
 from longtail.data.samplers import make_sampler
 from longtail.distributed import average_bn_buffers, convert_sync_bn
@@ -69,9 +69,10 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _prepare_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
+def _check_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
+    """Refuse a resume into a folder that is not a run of the same config, or a new run into a
+    started one; writes nothing."""
     out = run.path
-    out.mkdir(parents=True, exist_ok=True)
     if resume:
         if not run.config_path.is_file():
             raise LongtailError(
@@ -100,14 +101,12 @@ class Stage1:
         self.out = self.rundir.path
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
         init_distributed(self.rt)
-        if cfg.optim.batch_size % self.rt.world_size:
-            raise LongtailError(
-                f"optim.batch_size={cfg.optim.batch_size} (the global batch) must be divisible "
-                f"by the {self.rt.world_size} processes"
-            )
-        self.cfg = _prepare_run_dir(cfg, self.rundir, resume)
+        check_batch_size(cfg.optim.batch_size, self.rt.world_size)
+        self.cfg = _check_run_dir(cfg, self.rundir, resume)
         seed_everything(cfg.seed, cfg.deterministic)
         self.splits = build_data(cfg)
+        check_batch_size(cfg.optim.batch_size, self.rt.world_size, len(self.splits.train))
+        self.out.mkdir(parents=True, exist_ok=True)  # the whole config checked: now write
         self.counts = self.splits.train.counts()
         self.loaders = make_loaders(cfg, self.splits, self.rt)
         self.model = build_model(
@@ -151,12 +150,8 @@ class Stage1:
         self.swa_start = swa_start_epoch(cfg)
         self.swa_model = AveragedModel(self.model) if self.swa_start is not None else None
         self.swag = SWAG(self.model, cfg.swa.swag_rank) if self.swa_start is not None else None
+        # >= 1: check_batch_size compared the batch with this process's draws
         self.steps_per_epoch = self.loaders["train"].num_batches(len(self.sampler), drop_last=True)
-        if self.steps_per_epoch == 0:
-            raise LongtailError(
-                f"optim.batch_size={o.batch_size} exceeds the "
-                f"{len(self.splits.train)} training images"
-            )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         if resume:
             self._restore()
