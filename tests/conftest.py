@@ -59,6 +59,7 @@ TINY = [
     "device=cpu",
     "optim.epochs=6",
     "swa.start=3",
+    "swa.anneal_epochs=1",  # snapshots from epoch 4.0, once the lr is swa.lr
     "swa.every_steps=2",
     "swa.swag_rank=5",
     "precision=fp32",

@@ -20,6 +20,7 @@ TINY_CLI = [
     "precision=fp32",
     "optim.epochs=2",
     "swa.start=1",
+    "swa.anneal_epochs=0.5",
     "swa.every_steps=3",
     "swa.swag_rank=2",
     "swa.bn_batches=2",

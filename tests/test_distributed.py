@@ -37,6 +37,7 @@ RUN = [
     "optim.lr=0.0005",
     "optim.warmup_epochs=0",
     "swa.start=1",
+    "swa.anneal_epochs=0.5",
     "swa.lr=0.0005",
     "swa.every_steps=1",
     "swa.swag_rank=2",

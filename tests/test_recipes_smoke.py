@@ -24,6 +24,7 @@ TINY = [
     "optim.epochs=1",
     "optim.warmup_epochs=0",
     "swa.start=0",
+    "swa.anneal_epochs=0.5",
     "swa.every_steps=1",
     "swa.swag_rank=2",
     "stage2.epochs=1",

@@ -25,6 +25,7 @@ N_FIGURES = 5  # counts, per-class accuracy, weight norms, reliability, stage-1 
 DIGITS_FAST = [
     "optim.epochs=4",
     "swa.start=2",
+    "swa.anneal_epochs=1",
     "swa.every_steps=2",
     "swa.swag_rank=4",
     "precision=fp32",

@@ -15,7 +15,7 @@ import torch
 from longtail.io import verified_load
 from longtail.train.checkpoint import list_checkpoints
 
-SWA_START = 3  # 0-based epoch; digits_lt anneals to swa.lr from there and collects snapshots
+SWA_START = 3  # 0-based epoch: the lr anneals to swa.lr over one epoch, then snapshots are taken
 OVERRIDES = [
     "precision=fp32",
     "deterministic=true",
@@ -23,6 +23,7 @@ OVERRIDES = [
     "optim.batch_size=16",
     "checkpoint_every_steps=5",
     f"swa.start={SWA_START}",
+    "swa.anneal_epochs=1",
     "swa.every_steps=4",
     "swa.swag_rank=4",
 ]

@@ -65,10 +65,11 @@ def _steps_per_epoch(run) -> int:
 
 
 def _expected_snapshots(run, epochs_done: int) -> int:
-    """Snapshots after ``epochs_done`` epochs: every ``every_steps`` global steps from epoch
-    ``swa.start`` (0-based) on."""
-    spe, every, start = _steps_per_epoch(run), run.cfg.swa.every_steps, int(run.cfg.swa.start)
-    return sum(1 for g in range(start * spe + 1, epochs_done * spe + 1) if g % every == 0)
+    """Snapshots after ``epochs_done`` epochs: every ``every_steps`` global steps once the lr
+    has reached ``swa.lr``, i.e. from fractional epoch ``swa.start + swa.anneal_epochs`` on."""
+    spe, every = _steps_per_epoch(run), run.cfg.swa.every_steps
+    begin = (int(run.cfg.swa.start) + run.cfg.swa.anneal_epochs) * spe  # first global step
+    return sum(1 for g in range(1, epochs_done * spe + 1) if g >= begin and g % every == 0)
 
 
 def _dir_state(d: Path) -> dict[str, tuple[int, int]]:
@@ -202,7 +203,7 @@ def test_final_and_swa_models_beat_chance_on_test(swa_run):
 def test_swag_snapshot_count_follows_every_steps_and_start(swa_run):
     swag = verified_load(swa_run.dir / "swag.pt")
     expected = _expected_snapshots(swa_run, 6)
-    assert expected == 14  # 9 steps per epoch, steps 28..54, every 2nd
+    assert expected == 10  # 9 steps per epoch, steps 36..54 (from epoch 3 + 1 of anneal), every 2nd
     assert swag["n"] == expected
     assert swag["rank"] == 5 and swag["deviations"].shape[0] == 5
     _, rows = _metrics(swa_run.dir)
@@ -268,7 +269,7 @@ def test_resume_accepts_a_changed_mutable_key_and_restores_the_state(swa_run):
     s = Stage1(cfg, swa_run.dir, resume=True)
     assert (s.epoch, s.step_in_epoch) == (6, 0)
     assert s.global_step == 6 * _steps_per_epoch(swa_run)
-    assert s.swag.n == 14
+    assert s.swag.n == _expected_snapshots(swa_run, 6) == 10
     final = verified_load(swa_run.dir / "model_final.pt")
     assert all(torch.equal(v, final[k]) for k, v in s.model.state_dict().items())
     assert _dir_state(swa_run.dir) == before  # constructing does not write

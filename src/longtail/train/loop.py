@@ -39,7 +39,7 @@ from longtail.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from longtail.train.losses import make_loss, mixup
-from longtail.train.schedules import lr_at, swa_start_epoch
+from longtail.train.schedules import lr_at, swa_collect_from, swa_start_epoch
 from longtail.train.swag import SWAG
 
 # keys that may change between a run and its resume
@@ -148,6 +148,7 @@ class Stage1:
             world_size=self.rt.world_size,
         )
         self.swa_start = swa_start_epoch(cfg)
+        self.collect_from = swa_collect_from(cfg)  # snapshots once the lr is swa.lr
         self.swa_model = AveragedModel(self.model) if self.swa_start is not None else None
         self.swag = SWAG(self.model, cfg.swa.swag_rank) if self.swa_start is not None else None
         # >= 1: check_batch_size compared the batch with this process's draws
@@ -196,6 +197,7 @@ class Stage1:
                 "classes": self.splits.train.classes,
                 "data": self.splits.info,
                 "swa_start_epoch": self.swa_start,
+                "swa_collect_from_epoch": self.collect_from,
                 "kernels": autotune.resolve_mode(self.cfg.kernels),
                 "kernel_choices": self.kernel_choices,
             },
@@ -286,6 +288,10 @@ class Stage1:
             swa_anneal_epochs=self.cfg.swa.anneal_epochs,
         )
 
+    def _collecting(self, epoch_float: float) -> bool:
+        """Whether a snapshot is due at fractional epoch ``epoch_float`` (lr already swa.lr)."""
+        return self.collect_from is not None and epoch_float >= self.collect_from - 1e-9
+
     def _average(self) -> None:
         self.swa_model.update_parameters(self.model)
         self.swag.collect(self.model)
@@ -355,9 +361,12 @@ class Stage1:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             every = cfg.swa.every_steps
-            if self.swa_start is not None and every > 0 and e >= self.swa_start:  # noqa: SIM102
-                if self.global_step % every == 0:
-                    self._average()
+            if (
+                every > 0
+                and self.global_step % every == 0
+                and self._collecting(e + self.step_in_epoch / total)
+            ):
+                self._average()
             if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0:
                 self._checkpoint()
             if not bar.disable:
@@ -365,7 +374,7 @@ class Stage1:
                 bar.update()
         bar.close()
         dt = time.perf_counter() - t0
-        if self.swa_start is not None and cfg.swa.every_steps == 0 and e >= self.swa_start:
+        if cfg.swa.every_steps == 0 and self._collecting(e + 1):
             self._average()
         return {
             "lr": lr,

@@ -63,3 +63,29 @@ def swa_start_epoch(cfg: DictConfig) -> int | None:
     if not 0 <= start < cfg.optim.epochs:
         raise LongtailError(f"swa.start={s} falls outside the {cfg.optim.epochs} training epochs")
     return start
+
+
+def swa_collect_from(cfg: DictConfig) -> float | None:
+    """Fractional epoch from which SWA and SWAG take snapshots, or ``None`` without SWA.
+
+    Snapshots start once the lr has reached ``swa.lr``: ``swa.start + swa.anneal_epochs``, as
+    Maddox et al. collect only at the constant SWA lr (snapshots taken while the lr still anneals
+    inflate SWAG's variance). A step's snapshot counts when the fractional epoch reached after
+    it (the epoch its lr was computed for) is at least this; a per-epoch snapshot, when the
+    epoch's end is.
+    """
+    start = swa_start_epoch(cfg)
+    if start is None:
+        return None
+    anneal = float(cfg.swa.anneal_epochs)
+    if anneal < 0:
+        raise LongtailError(f"swa.anneal_epochs={anneal}: give 0 or more epochs")
+    begin = start + anneal
+    if begin >= cfg.optim.epochs:
+        raise LongtailError(
+            f"swa.start={cfg.swa.start} (epoch {start}) + swa.anneal_epochs={anneal} = {begin}: "
+            f"the lr reaches swa.lr only at or after the end of training (optim.epochs="
+            f"{cfg.optim.epochs}), so SWA and SWAG would have no snapshot at the constant SWA lr; "
+            "lower swa.start or swa.anneal_epochs, or train longer"
+        )
+    return begin
