@@ -40,7 +40,7 @@ from longtail.fit.select import MethodScore, choose, score_methods, selection_ta
 from longtail.io import atomic_write_json
 from longtail.runtime import world_size_from_env
 from longtail.train import Stage1
-from longtail.train.schedules import swa_start_epoch
+from longtail.train.schedules import swa_collect_from
 
 CHECK_IMAGES = 32  # validation images the export check runs on
 
@@ -183,7 +183,7 @@ def fit(
     if not cfg.stage2.calibrate:
         log("note: stage2.calibrate=false ignored: fit always calibrates on validation")
         cfg.stage2.calibrate = True
-    swa_start_epoch(cfg)  # swa.start against the recipe's epochs, still before any write
+    swa_collect_from(cfg)  # swa.start / anneal_epochs against the epochs, before any write
     check_batch_size(cfg.optim.batch_size, world_size_from_env(), n_train)  # what stage 1 checks
     log("recipe: " + recipe_summary(cfg, n_train))
     save_user_data(data)

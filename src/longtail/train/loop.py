@@ -102,6 +102,8 @@ class Stage1:
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
         init_distributed(self.rt)
         check_batch_size(cfg.optim.batch_size, self.rt.world_size)
+        self.swa_start = swa_start_epoch(cfg)
+        self.collect_from = swa_collect_from(cfg)  # snapshots once the lr is swa.lr
         self.cfg = _check_run_dir(cfg, self.rundir, resume)
         seed_everything(cfg.seed, cfg.deterministic)
         self.splits = build_data(cfg)
@@ -147,8 +149,6 @@ class Stage1:
             rank=self.rt.rank,
             world_size=self.rt.world_size,
         )
-        self.swa_start = swa_start_epoch(cfg)
-        self.collect_from = swa_collect_from(cfg)  # snapshots once the lr is swa.lr
         self.swa_model = AveragedModel(self.model) if self.swa_start is not None else None
         self.swag = SWAG(self.model, cfg.swa.swag_rank) if self.swa_start is not None else None
         # >= 1: check_batch_size compared the batch with this process's draws
