@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's CPU-scale benchmark (target: under 60 minutes on 2 cores, quiet machine):
+# The CPU-scale benchmark (target: under 60 minutes on 2 cores, quiet machine):
 # Fashion-MNIST-LT at IF 100 and IF 10, ResNet-32, seeds 0 1 2; joint CE with SWA (stage 2 on
 # SWA and on final-SGD features: NCM, cRT, tau-norm, LWS, SRepr, SWAG-BMA) and joint
 # logit-adjusted (Balanced Softmax) as a baseline. Then:

@@ -66,7 +66,7 @@ def fit_bundle(root: Path) -> Path:
 def time_predict(model, paths: list[str], batch: int) -> float:
     """Images per second of predict_paths over ``paths`` (decode + network + top-5)."""
     t0 = time.perf_counter()
-    n = sum(1 for _ in predict_paths(model, paths, 5, batch, progress=False))
+    n = sum(1 for _ in predict_paths(model, paths, top_k=5, batch_size=batch, progress=False))
     return n / (time.perf_counter() - t0)
 
 

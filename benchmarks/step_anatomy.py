@@ -1,4 +1,4 @@
-"""Where a ResNet-32 bf16 training step spends its time on this CPU (issue 3's diagnosis).
+"""Where a ResNet-32 bf16 training step spends its time on this CPU.
 
     python benchmarks/step_anatomy.py [--rounds 4] [--skip-compile]
 

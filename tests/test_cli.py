@@ -178,7 +178,8 @@ def test_train_then_classify_prints_every_method(tmp_path, capsys):
 
 def test_doctor_names_the_cpu_the_kernels_and_each_choice(tmp_path, monkeypatch, capsys):
     """`longtail doctor` on a tiny shape, with an injected timer (the kernel ranked slower):
-    every line the issue asks for, and the choice it prints is PyTorch's op with both timings."""
+    the CPU, compiler, kernel and autotune lines, and the choice it prints is PyTorch's op with
+    both timings."""
     from longtail.models import autotune, kernels
 
     monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path))

@@ -102,7 +102,10 @@ def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
     assert (out / "report.html").is_file()
     stamp = (out / "seed0" / "model_final.pt").stat().st_mtime_ns
     logs: list[str] = []
-    assert run_seed("digits_lt", 0, out, TINY_CLI, False, logs.append) == out / "seed0"
+    assert (
+        run_seed("digits_lt", 0, out, overrides=TINY_CLI, vary_subset=False, log=logs.append)
+        == out / "seed0"
+    )
     assert logs == [f"seed 0: stage 1 already done in {out / 'seed0'}"]
     assert (out / "seed0" / "model_final.pt").stat().st_mtime_ns == stamp
 
@@ -148,6 +151,24 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, capsys, monkeypatc
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ("optim.batch_size=1024", "optim.batch_size=1024 exceeds the 584 training images"),
+        ("swa.anneal_epochs=1", "swa.anneal_epochs=1.0 = 2.0"),
+    ],
+)
+def test_a_config_stage_1_refuses_leaves_no_run_directory(tmp_path, capsys, bad, named):
+    """digits-LT trains on 584 images; TINY_CLI has 2 epochs with SWA from epoch 1. Guards: the
+    batch and SWA-collection checks ran after the run directory was made (and, for the batch,
+    after the model was built and its kernels timed), leaving an empty folder behind."""
+    out = tmp_path / "r"
+    argv = ["train", "digits_lt", *TINY_CLI, bad, "--out", str(out)]
+    line = assert_one_line_error(*run_main(argv, capsys))
+    assert named in line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("method", ["tau", "srepr"])
 def test_methods_that_choose_on_validation_need_a_validation_split(
     swa_run, tmp_path, capsys, method
@@ -186,7 +207,7 @@ def _tiny_bundle(out: Path) -> None:
         "head": head_spec(head),
     }
     meta = {"classes": ["a", "b", "c"], "preprocessing": prep.to_json(), "temperature": 1.0}
-    save_bundle(out, model, spec, meta, torch.rand(4, 1, 8, 8))
+    save_bundle(out, model, spec=spec, meta=meta, check_inputs=torch.rand(4, 1, 8, 8))
 
 
 def test_predict_on_a_bundle_whose_weights_are_not_a_torch_file(tmp_path, capsys):
@@ -229,7 +250,7 @@ def test_weights_file_is_loaded_into_the_backbone(tmp_path):
     net = tvr.ResNet(tvr.BasicBlock, [1, 1, 1, 1])
     w = tmp_path / "r10.pth"
     torch.save(net.state_dict(), w)
-    model = build_model("resnet10", 4, 3, str(w))
+    model = build_model("resnet10", 4, 3, weights_path=str(w))
     for key, value in net.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(model.body.state_dict()[key], value), key

@@ -159,3 +159,19 @@ def test_old_config_keys_still_load_with_a_deprecation_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_config(None, ["kernels=off"]).kernels == "off"
+
+
+def test_a_retired_key_in_an_old_run_directory_loads_with_a_deprecation_warning(tmp_path):
+    """``log_every_steps`` never had an effect and is gone from the schema, but every
+    config.yaml written before holds it: such a run directory still loads (and resumes)."""
+    old = tmp_path / "config.yaml"
+    old.write_text("seed: 3\nlog_every_steps: 50\ncheckpoint_every_steps: 7\n")
+    with pytest.warns(DeprecationWarning, match="log_every_steps are no longer used") as got:
+        cfg = load_config(old)
+    assert str(old) in str(got[0].message)
+    assert "log_every_steps" not in cfg and (cfg.seed, cfg.checkpoint_every_steps) == (3, 7)
+    assert diff_configs(cfg, load_config(None, ["seed=3", "checkpoint_every_steps=7"])) == []
+    with pytest.warns(DeprecationWarning, match="ignored; delete them"):
+        assert "log_every_steps" not in load_config(None, ["log_every_steps=3"])
+    with pytest.raises(LongtailError, match="unknown config key 'log_every_step'"):
+        load_config(None, ["log_every_step=3"])

@@ -1,4 +1,4 @@
-"""Deployable files (issue 20): ONNX, pt2 and TorchScript exports of real bundles, checked.
+"""Deployable files: ONNX, pt2 and TorchScript exports of real bundles, checked.
 
 The fitted bundle is the session fixture ``fitted`` of conftest.py (``longtail fit`` on a
 long-tailed Fashion-MNIST PNG folder, which writes ``model.onnx``); bundles with other heads are
@@ -175,7 +175,15 @@ def test_bundle_with_each_head_exports_to_onnx(fitted, tmp_path, name):
     spec = {**fit_bundle.meta["spec"], "head": head_spec(head)}
     meta = {k: fit_bundle.meta[k] for k in ("classes", "preprocessing")}
     check = fit_bundle.check_images()
-    b = save_bundle(tmp_path / name, model, spec, meta, check, formats=("onnx",), log=print)
+    b = save_bundle(
+        tmp_path / name,
+        model,
+        spec=spec,
+        meta=meta,
+        check_inputs=check,
+        formats=("onnx",),
+        log=print,
+    )
     assert b.meta["exports"]["onnx"]["max_abs_diff"] <= 1e-4
     paths, x = _heldout_images(fitted, b)
     want = b.probabilities(x).numpy()
@@ -196,7 +204,7 @@ def test_failed_check_removes_the_file(tmp_path):
     f = tmp_path / "m.pt2"
     f.write_bytes(b"an older export")
     with pytest.raises(ExportError, match=r"up to 0\.01 away .* the file was removed"):
-        export_model(_Drifts(), "pt2", f, torch.rand(6, 1, 2, 2))
+        export_model(_Drifts(), "pt2", f, check_images=torch.rand(6, 1, 2, 2))
     assert not f.exists()
 
 
@@ -217,7 +225,7 @@ class _Custom(torch.nn.Module):
 
 def test_custom_operator_is_refused(tmp_path):
     with pytest.raises(ExportError, match="non-standard operators longtail_test.twice"):
-        export_model(_Custom(), "onnx", tmp_path / "m.onnx", torch.rand(4, 1, 2, 2))
+        export_model(_Custom(), "onnx", tmp_path / "m.onnx", check_images=torch.rand(4, 1, 2, 2))
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -230,7 +238,9 @@ def test_fixed_batch_export_and_missing_onnx_file(fitted, tmp_path, capsys):
     assert code == 2 and "model.onnx" in err and "longtail export" in err
     # a fixed batch of 5 (the CLI's default is 1): the 32 check images run as 7 padded chunks
     x = bundle.check_images()
-    r = export_model(bundle.model, "pt2", tmp_path / "m.pt2", x, dynamic_batch=False, batch_size=5)
+    r = export_model(
+        bundle.model, "pt2", tmp_path / "m.pt2", check_images=x, dynamic_batch=False, batch_size=5
+    )
     assert r["input"]["shape"] == [5, 1, 28, 28] and r["checked_images"] == 32
     assert r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] == 1.0
     m = torch.export.load(str(tmp_path / "m.pt2")).module()

@@ -31,7 +31,7 @@ from longtail.data.prepare import prepare_data
 from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
 from longtail.fit.images import decode
-from longtail.fit.prepare import prepare_user_data
+from longtail.fit.ingest import prepare_user_data
 from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist
@@ -343,3 +343,35 @@ def test_bad_override_fails_before_any_file_then_the_fixed_command_runs(
     code, _, err = run_main(argv, capsys)
     assert code == 0, err
     assert (out / "bundle" / "model.pt").is_file() and (out / "fit.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("bad", "world_size", "named", "fix"),
+    [
+        # the tree's 32 images leave 23 to train on after the test and validation hold-outs
+        ("optim.batch_size=64", 1, "optim.batch_size=64 exceeds the 23 training images", "=23"),
+        # the recipe's own batch (16 for 23 images) among 3 torchrun processes
+        (None, 3, "optim.batch_size=16 (the global batch) must be divisible by the 3", "=15"),
+        # SWA would reach swa.lr only after the last of CHEAP_FIT's epochs
+        ("swa.anneal_epochs=50", 1, "swa.anneal_epochs=50.0", "train longer"),
+    ],
+)
+def test_a_config_stage_1_would_refuse_fails_before_any_file(
+    tmp_path, capsys, monkeypatch, bad, world_size, named, fix
+):
+    """Guards: stage 1's checks of the batch (larger than the training set, not divisible by
+    the world size) and of when SWA collects ran only after fit had decoded every image into
+    OUT/data, so the retry with the same --out was refused (folder not empty). Now fit runs
+    them on the resolved config first."""
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[14, 10, 8], extras=False)
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))  # what torchrun sets; read by fit
+    argv = ["fit", str(tree), "--out", str(out), *CHEAP_FIT, *([bad] if bad else [])]
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 2
+    assert err.startswith("longtail: error: ") and len(err.strip().splitlines()) == 1
+    assert named in err
+    assert fix in err.split(named, 1)[1]  # and a way out
+    assert "training split:" in stdout  # refused on the resolved config, after reading the data
+    assert not out.exists()

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from longtail.fit.images import Header
+from longtail.fit.ingest import prepare_user_data
 from longtail.fit.plan import plan_input, recipe
-from longtail.fit.prepare import prepare_user_data
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:

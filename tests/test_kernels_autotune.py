@@ -255,12 +255,13 @@ def test_stage1_records_the_choices_in_run_json(tmp_path):
     """A kernels=auto run decides (rank 0, one step of a copy) before training and writes every
     choice with both timings to run.json."""
     from longtail.config import load_config
-    from longtail.train.loop import Stage1, read_run_info
+    from longtail.rundir import RunDir
+    from longtail.train.loop import Stage1
 
     autotune.use_timer(scripted({"kernel": 2.0, "pytorch": 1.0}, []))
     overrides = ["device=cpu", "precision=fp32", "optim.epochs=1", "swa.enabled=false"]
     stage = Stage1(load_config("digits_lt", [*overrides, "kernels=auto"]), tmp_path / "run")
-    info = read_run_info(tmp_path / "run")
+    info = RunDir(tmp_path / "run").info()
     assert info["kernels"] == "auto"
     choices = info["kernel_choices"]
     assert choices and all(k.startswith("fused_bn|") for k in choices)

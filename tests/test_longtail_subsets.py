@@ -1,4 +1,4 @@
-"""Long-tailed subsets of balanced datasets (METHOD.md §2.1, Cao et al. 2019)."""
+"""Long-tailed subsets of balanced datasets (docs/METHODS.md, "Data"; Cao et al. 2019)."""
 
 from __future__ import annotations
 

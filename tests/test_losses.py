@@ -1,4 +1,4 @@
-"""Stage-1 losses (METHOD.md §3): CE, logit adjustment / Balanced Softmax, mixup."""
+"""Stage-1 losses (docs/METHODS.md, "Stage 1"): CE, logit adjustment / Balanced Softmax, mixup."""
 
 from __future__ import annotations
 

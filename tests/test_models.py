@@ -1,4 +1,7 @@
-"""Model registry and backbones (METHOD.md §3): parameter counts, feature shapes, layouts."""
+"""Model registry and backbones (docs/METHODS.md, "Stage 1").
+
+Parameter counts, feature shapes, memory layouts.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``longtail report``: HTML / Markdown reports of classified runs (issue 5)."""
+"""``longtail report``: HTML / Markdown reports of classified runs."""
 
 from __future__ import annotations
 

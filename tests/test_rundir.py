@@ -113,12 +113,15 @@ def test_a_run_stopped_in_its_final_step_is_resumable_not_finished(tmp_path, mon
 
     monkeypatch.undo()
     logs: list[str] = []
-    assert run_seed("digits_lt", 0, tmp_path, TINY_CLI, False, logs.append) == run.path
+    assert (
+        run_seed("digits_lt", 0, tmp_path, overrides=TINY_CLI, vary_subset=False, log=logs.append)
+        == run.path
+    )
     assert logs == [f"seed 0: stage 1 -> {run.path} (resuming)"]
     assert run.finished and run.model_path("swa").is_file()
     assert {p.name for p in run.path.iterdir()} == _stage1_files(run)
     logs.clear()
-    run_seed("digits_lt", 0, tmp_path, TINY_CLI, False, logs.append)
+    run_seed("digits_lt", 0, tmp_path, overrides=TINY_CLI, vary_subset=False, log=logs.append)
     assert logs == [f"seed 0: stage 1 already done in {run.path}"]
 
 

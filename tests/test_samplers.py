@@ -1,4 +1,7 @@
-"""Samplers of Kang et al. (METHOD.md §2.4): class frequencies, Kang's CB rule, sharding."""
+"""Samplers of Kang et al. (docs/METHODS.md, "Data").
+
+Class frequencies, Kang's class-balanced rule, sharding.
+"""
 
 from __future__ import annotations
 

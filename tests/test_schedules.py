@@ -1,4 +1,4 @@
-"""Learning-rate schedule ``lr_at`` (METHOD.md §3) against hand-computed values."""
+"""Learning-rate schedule ``lr_at`` (docs/METHODS.md, "Stage 1") against hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Many / medium / few-shot splits (METHOD.md §2.3, Kang et al. ``shot_acc``)."""
+"""Many / medium / few-shot splits (docs/METHODS.md, "Data"; Kang et al. ``shot_acc``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""SWAG posterior (METHOD.md §3, Maddox et al. 2019): moments, sample covariance, state."""
+"""SWAG posterior (docs/METHODS.md, "Stage 1"; Maddox et al. 2019).
+
+Moments, sample covariance, state.
+"""
 
 from __future__ import annotations
 

@@ -16,12 +16,15 @@ import torch
 
 import longtail
 from longtail.config import diff_configs, load_config
-from longtail.data.build import build_data, make_loaders
+from longtail.data.build import build_data, check_batch_size, make_loaders
+from longtail.data.loader import BatchLoader
+from longtail.data.prepare import prepare_data
+from longtail.data.samplers import make_sampler
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
 from longtail.io import verified_load
 from longtail.models import build_model
-from longtail.models.predict import collect_outputs
+from longtail.models.inference import collect_outputs
 from longtail.runtime import make_runtime
 from longtail.train.bn import refresh_bn
 from longtail.train.checkpoint import list_checkpoints
@@ -262,7 +265,7 @@ def test_resume_with_a_different_config_is_refused_naming_the_key(swa_run):
 
 def test_resume_accepts_a_changed_mutable_key_and_restores_the_state(swa_run):
     before = _dir_state(swa_run.dir)
-    cfg = load_config("digits_lt", [*swa_run.overrides, "stage2.epochs=7", "log_every_steps=3"])
+    cfg = load_config("digits_lt", [*swa_run.overrides, "stage2.epochs=7", "data.num_workers=1"])
     s = Stage1(cfg, swa_run.dir, resume=True)
     assert (s.epoch, s.step_in_epoch) == (6, 0)
     assert s.global_step == 6 * _steps_per_epoch(swa_run)
@@ -270,6 +273,33 @@ def test_resume_accepts_a_changed_mutable_key_and_restores_the_state(swa_run):
     final = verified_load(swa_run.dir / "model_final.pt")
     assert all(torch.equal(v, final[k]) for k, v in s.model.state_dict().items())
     assert _dir_state(swa_run.dir) == before  # constructing does not write
+
+
+def test_check_batch_size_refuses_exactly_the_batches_that_give_no_step():
+    """``check_batch_size`` (run by fit before it writes, and by Stage1) against what stage 1
+    computes: each process's draws per epoch (the sampler) in full batches (the loader, the last
+    partial batch dropped). Guards: the early check drifting from the real step count, which
+    would refuse a working batch or let an empty epoch through."""
+    splits = prepare_data("digits", imbalance=10, val_per_class=5)
+    for n in (1, 7, 16, 23):
+        ds = splits.train.subset(np.arange(n))
+        for world in (1, 2, 3):
+            for batch in range(world, 40, world):
+                sampler = make_sampler("instance", ds.labels.numpy(), world_size=world)
+                loader = BatchLoader(ds, batch // world)
+                steps = loader.num_batches(len(sampler), drop_last=True)
+                if steps:
+                    assert check_batch_size(batch, world, n) == batch // world
+                else:
+                    with pytest.raises(LongtailError, match=f"exceeds the {n} training") as e:
+                        check_batch_size(batch, world, n)
+                    most = int(str(e.value).rsplit("optim.batch_size=", 1)[1].split()[0])
+                    assert most % world == 0 and 0 < most < batch
+                    assert loader.num_batches(len(sampler), drop_last=True) == 0
+                    ok = BatchLoader(ds, most // world).num_batches(len(sampler), drop_last=True)
+                    assert ok >= 1  # the value the message suggests works
+        with pytest.raises(LongtailError, match="divisible by the 3 processes.*batch_size=6"):
+            check_batch_size(8, 3)
 
 
 def test_new_run_into_an_existing_run_directory_is_refused(swa_run):
@@ -299,7 +329,7 @@ def test_nan_loss_stops_with_epoch_step_lr_and_keeps_checkpoints(tmp_path):
     assert m, msg
     assert not math.isfinite(float(m.group(1)))
     spe = 584 // 64
-    want = lr_at(2 / spe, 1e30, 2, cfg.optim.warmup_epochs, "cosine")
+    want = lr_at(2 / spe, 1e30, 2, warmup_epochs=cfg.optim.warmup_epochs, schedule="cosine")
     assert float(m.group(2)) == pytest.approx(want, rel=1e-3)
     ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["ckpt-0000-0000001.pt"]

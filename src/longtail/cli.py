@@ -53,7 +53,13 @@ def cmd_data_summary(a: argparse.Namespace) -> int:
     from longtail.evaluate.plots import class_count_histogram
 
     s = prepare_data(
-        a.dataset, a.root, a.imbalance, a.profile, a.seed, a.val_per_class, list_dir=a.list_dir
+        a.dataset,
+        root=a.root,
+        imbalance=a.imbalance,
+        profile=a.profile,
+        seed=a.seed,
+        val_per_class=a.val_per_class,
+        list_dir=a.list_dir,
     )
     counts = s.train.counts()
     shots = shot_splits(counts, a.many, a.few).sizes()
@@ -70,7 +76,12 @@ def cmd_data_summary(a: argparse.Namespace) -> int:
     )
     out = Path(a.out or f"{a.dataset}_lt{a.imbalance:g}_counts.png")
     class_count_histogram(
-        counts, out, s.train.classes, f"{a.dataset} IF {a.imbalance:g}", a.many, a.few
+        counts,
+        out,
+        classes=s.train.classes,
+        title=f"{a.dataset} IF {a.imbalance:g}",
+        many=a.many,
+        few=a.few,
     )
     print(f"histogram: {out}")
     return 0
@@ -169,7 +180,14 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from longtail.sweep import sweep
 
-    sweep(a.recipe, a.seeds, a.out, a.overrides, tuple(a.method), a.vary_subset)
+    sweep(
+        a.recipe,
+        a.seeds,
+        a.out,
+        overrides=a.overrides,
+        methods=tuple(a.method),
+        vary_subset=a.vary_subset,
+    )
     return 0
 
 
@@ -179,13 +197,13 @@ def cmd_fit(a: argparse.Namespace) -> int:
     r = fit(
         a.root,
         a.out,
-        a.val_dir,
-        a.test_dir,
-        a.epochs,
-        a.image_size,
-        a.weights,
-        a.overrides,
-        a.strict,
+        val=a.val_dir,
+        test=a.test_dir,
+        epochs=a.epochs,
+        image_size=a.image_size,
+        weights=a.weights,
+        overrides=a.overrides,
+        strict=a.strict,
     )
     m = r.chosen.test
     print(
@@ -209,7 +227,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
     paths = expand_inputs(a.inputs)
     skipped = []
     preds = predict_paths(
-        bundle, paths, a.top_k, a.batch_size, a.strict, skipped.append, progress=True
+        bundle,
+        paths,
+        top_k=a.top_k,
+        batch_size=a.batch_size,
+        strict=a.strict,
+        on_skip=skipped.append,
+        progress=True,
     )
     if a.format == "json":
         n = write_json(preds, skipped, sys.stdout, str(bundle.dir))
@@ -228,7 +252,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     bundle = load_bundle(a.bundle)
     r = bundle.export(
-        a.format, a.out, a.opset, a.dynamic_batch, a.batch_size, a.check_images or None
+        a.format,
+        a.out,
+        opset=a.opset,
+        dynamic_batch=a.dynamic_batch,
+        batch_size=a.batch_size,
+        check_images=a.check_images or None,
     )
     batch = r["input"]["shape"][0]
     print(

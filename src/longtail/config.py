@@ -121,7 +121,6 @@ class Config:
     sync_bn: bool = False  # SyncBatchNorm under torchrun (DDP)
     deterministic: bool = False
     checkpoint_every_steps: int = 0
-    log_every_steps: int = 50
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -146,21 +145,41 @@ CHOICES = {
 
 # Replaced by ``kernels``; still read so older recipes and run directories load.
 DEPRECATED = ("fused_bn", "fast_conv")
+# Keys that never had an effect and were removed; every config.yaml written before still has
+# them, so they are dropped on loading with a DeprecationWarning instead of being refused.
+RETIRED = ("log_every_steps",)
+
+
+def _plain(node: Any) -> DictConfig:
+    """A mutable copy of a loaded mapping (a dict or a DictConfig)."""
+    return OmegaConf.create(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
 
 
 def _migrate(node: Any, where: str) -> Any:
     """Read ``kernels: on`` / ``off`` as words (YAML 1.1 makes them booleans), and drop the old
     kernel keys from a loaded mapping: ``false`` becomes ``kernels: off`` (the user turned a
     kernel off; ``kernels`` has no per-kernel setting), ``true`` (their old default) is dropped
-    so ``kernels`` keeps its value; a DeprecationWarning names the change."""
+    so ``kernels`` keeps its value; the :data:`RETIRED` keys are dropped. A DeprecationWarning
+    names each change."""
     if not isinstance(node, (dict, DictConfig)):
         return node
     if isinstance(node.get("kernels"), bool):
-        node = OmegaConf.create(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
+        node = _plain(node)
         node["kernels"] = "on" if node["kernels"] else "off"
+    retired = [k for k in RETIRED if k in node]
+    if retired:
+        node = _plain(node)
+        for key in retired:
+            del node[key]
+        warnings.warn(
+            f"{where}: config key(s) {', '.join(retired)} are no longer used (they had no "
+            "effect) and are ignored; delete them from the file",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     if not any(k in node for k in DEPRECATED):
         return node
-    node = OmegaConf.create(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
+    node = _plain(node)
     off = False
     for key in DEPRECATED:
         if key in node:
@@ -249,7 +268,7 @@ def load_config(
         if "=" not in item:
             raise LongtailError(f"override {item!r} must look like key=value, e.g. optim.lr=0.05")
         key = item.split("=", 1)[0].strip()
-        if key in (*DEPRECATED, "kernels"):
+        if key in (*DEPRECATED, *RETIRED, "kernels"):
             cfg = _merge(cfg, _migrate(OmegaConf.from_dotlist([item]), f"override {item!r}"))
             continue
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":

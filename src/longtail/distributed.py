@@ -126,16 +126,6 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     return full[:total]
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    _, ws = world()
-    if ws == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shutdown_distributed() -> None:
     """Destroy every process group now, while the interpreter is fully alive (no-op without one).
 

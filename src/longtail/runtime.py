@@ -68,12 +68,17 @@ def choose_precision(device_type: str, cuda_bf16: bool, cpu_bf16: bool) -> str:
     return "fp32"
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun launched (``$WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def make_runtime(
     device: str = "auto", precision: str = "auto", channels_last: bool = True
 ) -> Runtime:
     """Resolve ``auto`` choices: CUDA when present, bf16 where the hardware runs it fast."""
     rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size_from_env()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,7 @@ SUMMARY_KEYS = ("accuracy", "many", "medium", "few", "nll", "ece", "brier")
 
 
 def run_seed(
-    recipe: str, seed: int, out: Path, overrides: list[str], vary_subset: bool, log=print
+    recipe: str, seed: int, out: Path, *, overrides: list[str], vary_subset: bool, log=print
 ) -> Path:
     """Stage 1 of one seed into ``out/seed<seed>`` (resuming a stopped run); returns the dir."""
     run = out / f"seed{seed}"
@@ -77,6 +77,7 @@ def sweep(
     recipe: str,
     seeds: list[int],
     out: str | Path,
+    *,
     overrides: list[str] | None = None,
     methods: tuple[str, ...] = ("all",),
     vary_subset: bool = False,
@@ -87,7 +88,7 @@ def sweep(
     overrides = list(overrides or [])
     runs = []
     for seed in seeds:
-        run = run_seed(recipe, seed, out, overrides, vary_subset, log)
+        run = run_seed(recipe, seed, out, overrides=overrides, vary_subset=vary_subset, log=log)
         rd = RunDir(run)
         if not rd.results_path().is_file():
             classify(run, list(methods), log=log)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from longtail.data.loader import BatchLoader
 from longtail.distributed import average_bn_buffers, gather_rows, world
 from longtail.io import atomic_torch_save, verified_load
-from longtail.models.predict import collect_outputs
+from longtail.models.inference import collect_outputs
 from longtail.progress import progress
 from longtail.runtime import Runtime
 from longtail.train.bn import refresh_bn

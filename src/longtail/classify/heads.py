@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +77,7 @@ def train_head(
     params: list[nn.Parameter],
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
+    *,
     epochs: int,
     lr: float,
     weight_decay: float,
@@ -117,8 +117,3 @@ def pick_view(bank: torch.Tensor, idx: torch.Tensor, generator: torch.Generator 
         return bank[idx].float()
     v = torch.randint(0, bank.shape[0], (len(idx),), generator=generator)
     return bank[v, idx].float()
-
-
-def as_numpy(x: torch.Tensor) -> np.ndarray:
-    """Detached CPU numpy copy."""
-    return x.detach().cpu().numpy()

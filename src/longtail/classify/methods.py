@@ -43,7 +43,15 @@ def crt(
         return F.cross_entropy(h(pick_view(z, idx, g)), yb)
 
     return train_head(
-        head, list(head.parameters()), loss, y, epochs, lr, weight_decay, batch_size, seed=seed
+        head,
+        list(head.parameters()),
+        loss,
+        y,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
     )
 
 
@@ -89,7 +97,15 @@ def lws(
         return F.cross_entropy(h(pick_view(z, idx, g)), yb)
 
     return train_head(
-        head, [head.scale], loss, y, epochs, lr, 0.0 * weight_decay, batch_size, seed=seed
+        head,
+        [head.scale],
+        loss,
+        y,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=0.0 * weight_decay,
+        batch_size=batch_size,
+        seed=seed,
     )
 
 

@@ -72,7 +72,15 @@ def train_srepr(
         )
 
     return train_head(
-        head, list(head.parameters()), loss, y, epochs, lr, weight_decay, batch_size, seed=seed
+        head,
+        list(head.parameters()),
+        loss,
+        y,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
     )
 
 

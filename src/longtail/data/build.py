@@ -1,13 +1,16 @@
 """A run's data from its config: the splits (:func:`build_data`) and their batch loaders
-(:func:`make_loaders`), shared by stage 1 (:mod:`longtail.train.loop`), stage 2
-(:mod:`longtail.classify.run`) and ``fit``."""
+(:func:`make_loaders`, the batch size checked by :func:`check_batch_size`), shared by stage 1
+(:mod:`longtail.train.loop`), stage 2 (:mod:`longtail.classify.run`) and ``fit``."""
 
 from __future__ import annotations
+
+import math
 
 from omegaconf import DictConfig
 
 from longtail.data.loader import BatchLoader
 from longtail.data.prepare import DataSplits, prepare_data
+from longtail.errors import LongtailError
 from longtail.runtime import Runtime
 
 
@@ -16,15 +19,42 @@ def build_data(cfg: DictConfig) -> DataSplits:
     d = cfg.data
     return prepare_data(
         d.dataset,
-        d.root,
-        d.imbalance,
-        d.profile,
-        d.subset_seed,
-        d.val_per_class,
-        d.download,
-        d.list_dir,
-        d.n_max,
+        root=d.root,
+        imbalance=d.imbalance,
+        profile=d.profile,
+        seed=d.subset_seed,
+        val_per_class=d.val_per_class,
+        download=d.download,
+        list_dir=d.list_dir,
+        n_max=d.n_max,
     )
+
+
+def check_batch_size(batch_size: int, world_size: int, n_train: int | None = None) -> int:
+    """Check stage 1's global batch ``optim.batch_size`` against the ``world_size`` processes
+    and, when given, the ``n_train`` training images; returns the per-process batch.
+
+    Each process trains on ``batch_size / world_size`` images per step out of its
+    ``ceil(n_train / world_size)`` draws per epoch and drops the last partial batch, so a batch
+    larger than that share would give epochs of no steps. Callers run this before writing
+    anything (``fit`` before ``OUT/data``, :class:`~longtail.train.Stage1` before the run
+    directory). Raises :class:`LongtailError` naming the value and a value that works.
+    """
+    if batch_size % world_size:
+        lower = batch_size - batch_size % world_size
+        raise LongtailError(
+            f"optim.batch_size={batch_size} (the global batch) must be divisible by the "
+            f"{world_size} processes; use a multiple of {world_size}"
+            + (f", e.g. optim.batch_size={lower}" if lower else "")
+        )
+    per = batch_size // world_size
+    if n_train is not None and math.ceil(n_train / world_size) < per:
+        most = world_size * math.ceil(n_train / world_size)
+        raise LongtailError(
+            f"optim.batch_size={batch_size} exceeds the {n_train} training images: an epoch "
+            f"would have no full batch; use optim.batch_size={most} or less"
+        )
+    return per
 
 
 def make_loaders(

@@ -379,6 +379,7 @@ def read_list_file(
 def load_list_dataset(
     list_path: str | os.PathLike,
     root: str | os.PathLike,
+    *,
     name: str = "list",
     num_classes: int | None = None,
     classes: list[str] | None = None,
@@ -499,6 +500,7 @@ def load_dataset(
     name: str,
     split: str = "train",
     root: str | None = None,
+    *,
     download: bool = False,
     list_dir: str | None = None,
 ) -> ImageDataset | None:

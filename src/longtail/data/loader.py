@@ -37,6 +37,7 @@ class BatchLoader:
         ds: ImageDataset,
         batch_size: int,
         device: torch.device | str = "cpu",
+        *,
         train: bool = False,
         padding: int = 4,
         flip: bool = True,

@@ -79,6 +79,7 @@ def _class_orders(labels: np.ndarray, num_classes: int, seed: int) -> list[np.nd
 def longtail_indices(
     labels: np.ndarray,
     imbalance: float,
+    *,
     profile: str = "exp",
     seed: int = 0,
     n_max: int | None = None,
@@ -87,7 +88,9 @@ def longtail_indices(
 
     ``n_max`` defaults to the smallest class size, so every class can supply its quota.
     """
-    return longtail_split(labels, imbalance, profile, seed, 0, n_max).train
+    return longtail_split(
+        labels, imbalance, profile=profile, seed=seed, val_per_class=0, n_max=n_max
+    ).train
 
 
 @dataclass
@@ -108,6 +111,7 @@ class LongTailSplit:
 def longtail_split(
     labels: np.ndarray,
     imbalance: float,
+    *,
     profile: str = "exp",
     seed: int = 0,
     val_per_class: int = 0,

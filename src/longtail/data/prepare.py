@@ -1,8 +1,8 @@
 """From a dataset name to train / val / test splits ready for training.
 
-Balanced datasets (digits, Fashion-MNIST, CIFAR) get the long-tailed subset of METHOD.md §2.1
-and a class-balanced validation hold-out disjoint from it. Natively long-tailed datasets keep
-their own lists; without a val list, a small balanced hold-out is carved from train.
+Balanced datasets (digits, Fashion-MNIST, CIFAR) get the long-tailed subset of docs/METHODS.md,
+"Data", and a class-balanced validation hold-out disjoint from it. Natively long-tailed datasets
+keep their own lists; without a val list, a small balanced hold-out is carved from train.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def _check_disjoint(
 
 def prepare_data(
     dataset: str,
+    *,
     root: str | None = None,
     imbalance: float | None = 100.0,
     profile: str = "exp",
@@ -83,9 +84,9 @@ def prepare_data(
     long-tailed dataset keeps the training set as it is.
     """
     seed = _check_seed(seed)
-    full = load_dataset(dataset, "train", root, download, list_dir)
-    test = load_dataset(dataset, "test", root, download, list_dir)
-    val = load_dataset(dataset, "val", root, download, list_dir)
+    full = load_dataset(dataset, "train", root, download=download, list_dir=list_dir)
+    test = load_dataset(dataset, "test", root, download=download, list_dir=list_dir)
+    val = load_dataset(dataset, "val", root, download=download, list_dir=list_dir)
     native = dataset.lower().replace("_", "-") in _NATIVE_LT or dataset in ("folder", "user")
     if dataset.lower().replace("_", "-") in _NATIVE_LT:
         full, val, test = _align_classes(full, val, test)
@@ -95,7 +96,14 @@ def prepare_data(
         raise LongtailError(f"{dataset}: class(es) with no training images: {', '.join(empty)}")
     info: dict = {"dataset": dataset, "seed": seed, "source_train_size": len(full)}
     if imbalance is not None and not native:
-        split = longtail_split(full.labels.numpy(), imbalance, profile, seed, val_per_class, n_max)
+        split = longtail_split(
+            full.labels.numpy(),
+            imbalance,
+            profile=profile,
+            seed=seed,
+            val_per_class=val_per_class,
+            n_max=n_max,
+        )
         train = full.subset(split.train)
         if val is None and len(split.val):
             val = full.subset(split.val)

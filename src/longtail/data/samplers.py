@@ -128,6 +128,7 @@ class ProgressiveSampler(QSampler):
 def make_sampler(
     name: str,
     labels: np.ndarray,
+    *,
     seed: int = 0,
     q: float = 0.5,
     total_epochs: int = 1,

@@ -1,5 +1,5 @@
 """Evaluation: accuracy (overall, per class, many/medium/few shot), NLL, ECE, Brier, and
-temperature scaling (METHOD.md §5)."""
+temperature scaling (docs/METHODS.md, "Evaluation")."""
 
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import (

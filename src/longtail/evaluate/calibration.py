@@ -1,4 +1,6 @@
-"""Temperature scaling (Guo et al. 2017), the optional post-hoc calibration baseline (METHOD.md §5).
+"""Temperature scaling (Guo et al. 2017), the optional post-hoc calibration baseline.
+
+See docs/METHODS.md, section "Stage 2" (**Calibration**).
 
 Fit one scalar temperature ``T > 0`` on held-out *validation* logits by minimising the NLL of
 ``softmax(logits / T)``; at test time divide the logits by ``T``. Dividing by a positive scalar

@@ -1,6 +1,6 @@
 """Evaluation metrics: accuracy (overall, per class, many/medium/few shot), NLL, ECE, Brier.
 
-Conventions (METHOD.md §5):
+Conventions (docs/METHODS.md, "Evaluation"):
 
 - ``logits`` are raw classifier outputs of shape ``(N, C)``; ``probs`` are softmax probabilities of
   shape ``(N, C)`` (each row non-negative, summing to 1); ``labels`` are integer class indices of
@@ -154,7 +154,7 @@ def _nanmean_or_nan(values: np.ndarray) -> float:
 def shot_accuracy(
     per_class: np.ndarray, train_counts: np.ndarray, many: int = 100, few: int = 20
 ) -> dict[str, float]:
-    """Many / medium / few-shot accuracy (Kang et al., METHOD.md §2.3).
+    """Many / medium / few-shot accuracy (Kang et al.; docs/METHODS.md, "Data", shot splits).
 
     Args:
         per_class: ``(C,)`` per-class accuracies in ``[0, 1]`` (NaN for classes without test
@@ -324,7 +324,8 @@ def evaluate_logits(
     few: int = 20,
     n_bins: int = 15,
 ) -> dict[str, Any]:
-    """All test metrics of METHOD.md §5 from one set of logits, as a JSON-ready dict.
+    """All test metrics from one set of logits, as a JSON-ready dict (docs/METHODS.md,
+    "Evaluation").
 
     Args:
         logits: ``(N, C)`` raw classifier outputs on the (balanced) test set.

@@ -33,6 +33,7 @@ def savefig_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 def class_count_histogram(
     counts: np.ndarray,
     path: str | os.PathLike,
+    *,
     classes: list[str] | None = None,
     title: str = "",
     many: int = 100,

@@ -270,11 +270,11 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
     f.path = plots.class_count_histogram(
         counts,
         fig_dir / "class_counts.png",
-        classes,
-        f"{dataset + ': ' if dataset else ''}{len(counts)} classes, {int(counts.sum()):,} "
+        classes=classes,
+        title=f"{dataset + ': ' if dataset else ''}{len(counts)} classes, {int(counts.sum()):,} "
         f"training images (max / min {counts.max() / max(counts.min(), 1):.3g})",
-        many,
-        few,
+        many=many,
+        few=few,
     )
     f.caption = (
         f"Log scale; dashed: many-shot threshold (> {many} images), dotted: few-shot (< {few})."

@@ -1,7 +1,7 @@
 """Bring your own data: ``fit`` a folder or CSV into a calibrated model bundle, ``predict``.
 
 Modules, one job each: ``sources`` (which files, which labels), ``images`` (robust decoding and
-the shared preprocessing rule), ``plan`` (input size, backbone, recipe), ``prepare`` (checks,
+the shared preprocessing rule), ``plan`` (input size, backbone, recipe), ``ingest`` (checks,
 hold-outs, the materialised ``user`` dataset), ``select`` (calibrate and choose a stage-2
 method on validation), ``bundle`` (the deployable network), ``export`` (ONNX, ``torch.export``
 and TorchScript files, each checked against the network), ``pipeline`` (:func:`fit`),

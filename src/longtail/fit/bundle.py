@@ -157,6 +157,7 @@ class Bundle(BundleMeta):
         self,
         fmt: str,
         out: str | os.PathLike | None = None,
+        *,
         opset: int | None = None,
         dynamic_batch: bool = True,
         batch_size: int = 1,
@@ -177,7 +178,15 @@ class Bundle(BundleMeta):
             raise LongtailError(f"unknown format {fmt!r}; choose one of {', '.join(FILES)}")
         x = self._decode_all(check_images) if check_images else self.check_images()
         path = Path(out).expanduser() if out else self.dir / FILES[fmt]
-        record = export_model(self.model, fmt, path, x, opset, dynamic_batch, batch_size)
+        record = export_model(
+            self.model,
+            fmt,
+            path,
+            check_images=x,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            batch_size=batch_size,
+        )
         if path.resolve().parent == self.dir.resolve():
             self.meta.setdefault("exports", {})[fmt] = record
             self.meta.setdefault("files", {})[fmt] = path.name
@@ -227,6 +236,7 @@ def _rebuild(spec: dict, state: dict) -> DeployedClassifier:
 def save_bundle(
     out: str | os.PathLike,
     model: DeployedClassifier,
+    *,
     spec: dict,
     meta: dict,
     check_inputs: torch.Tensor,

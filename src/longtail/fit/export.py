@@ -193,6 +193,7 @@ def export_model(
     model: nn.Module,
     fmt: str,
     path: str | os.PathLike,
+    *,
     check_images: torch.Tensor,
     opset: int | None = None,
     dynamic_batch: bool = True,

@@ -1,6 +1,6 @@
 """``longtail fit``: a user's folder or CSV in, a calibrated, deployable model bundle out.
 
-1. data (:mod:`longtail.fit.prepare`): read, check, profile, split and materialise the images as
+1. data (:mod:`longtail.fit.ingest`): read, check, profile, split and materialise the images as
    the ``user`` dataset in ``OUT/data``;
 2. stage 1 (:class:`longtail.train.Stage1`) in ``OUT/run`` with SWA / SWAG and the recipe
    of :mod:`longtail.fit.plan` (regularisation scaled to the data size), then every stage-2
@@ -29,16 +29,18 @@ from omegaconf import DictConfig, OmegaConf
 import longtail
 from longtail.classify.run import Stage2, results_table
 from longtail.config import load_config
+from longtail.data.build import check_batch_size
 from longtail.errors import LongtailError
 from longtail.evaluate.report import write_report
 from longtail.fit.bundle import Bundle, DeployedClassifier, head_spec, save_bundle
 from longtail.fit.images import decode
+from longtail.fit.ingest import UserData, read_user_data, save_user_data
 from longtail.fit.plan import recipe, recipe_summary
-from longtail.fit.prepare import UserData, read_user_data, save_user_data
 from longtail.fit.select import MethodScore, choose, score_methods, selection_table
 from longtail.io import atomic_write_json
+from longtail.runtime import world_size_from_env
 from longtail.train import Stage1
-from longtail.train.schedules import swa_start_epoch
+from longtail.train.schedules import swa_collect_from
 
 CHECK_IMAGES = 32  # validation images the export check runs on
 
@@ -111,6 +113,7 @@ def _check_inputs(data: UserData) -> torch.Tensor:
 def fit(
     train: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     val: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     epochs: int | None = None,
@@ -152,8 +155,8 @@ def fit(
     data = read_user_data(
         train,
         out / "data",
-        val,
-        test,
+        val=val,
+        test=test,
         image_size=image_size,
         weights_path=weights,
         model=_given(given, overrides, "model.name"),
@@ -165,9 +168,9 @@ def fit(
     base = recipe(
         n_train,
         plan,
-        epochs,
-        _given(given, overrides, "optim.batch_size"),
-        _given(given, overrides, "swa.start") or 0.75,
+        epochs=epochs,
+        batch_size=_given(given, overrides, "optim.batch_size"),
+        swa_start=_given(given, overrides, "swa.start") or 0.75,
     )
     base["seed"] = seed
     base["data"] = {
@@ -180,7 +183,8 @@ def fit(
     if not cfg.stage2.calibrate:
         log("note: stage2.calibrate=false ignored: fit always calibrates on validation")
         cfg.stage2.calibrate = True
-    swa_start_epoch(cfg)  # swa.start against the recipe's epochs, still before any write
+    swa_collect_from(cfg)  # swa.start / anneal_epochs against the epochs, before any write
+    check_batch_size(cfg.optim.batch_size, world_size_from_env(), n_train)  # what stage 1 checks
     log("recipe: " + recipe_summary(cfg, n_train))
     save_user_data(data)
 
@@ -192,7 +196,7 @@ def fit(
     results = s2.run(["all"])
     log(results_table(results))
     d = cfg.data
-    scores = score_methods(s2.heads, s2.features(), s2.counts, d.many_shot, d.few_shot)
+    scores = score_methods(s2.heads, s2.features(), s2.counts, many=d.many_shot, few=d.few_shot)
     best = choose(scores)
     log(selection_table(scores, best.name))
 
@@ -228,7 +232,9 @@ def fit(
         "longtail_version": longtail.__version__,
         "torch_version": torch.__version__,
     }
-    bundle = save_bundle(out / "bundle", model, spec, meta, _check_inputs(data), log=log)
+    bundle = save_bundle(
+        out / "bundle", model, spec=spec, meta=meta, check_inputs=_check_inputs(data), log=log
+    )
     checked = [
         f"{r['file']} matches to {r['max_abs_diff']:.2g}"
         for r in bundle.meta["exports"].values()

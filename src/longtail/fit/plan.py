@@ -171,6 +171,7 @@ def _pow2(x: float, lo: int, hi: int) -> int:
 def recipe(
     n_train: int,
     plan: InputPlan,
+    *,
     epochs: int | None = None,
     batch_size: int | None = None,
     swa_start: float = SWA_START,

@@ -99,6 +99,7 @@ def load_classifier(bundle_dir: str | os.PathLike, runtime: str = "torch") -> Cl
 def predict_paths(
     bundle: Classifier,
     paths: list[str],
+    *,
     top_k: int = 5,
     batch_size: int = 64,
     strict: bool = False,
@@ -164,6 +165,7 @@ def _iterate(
 def predict(
     bundle_dir: str | os.PathLike,
     inputs: Iterable[str | os.PathLike],
+    *,
     top_k: int = 5,
     batch_size: int = 64,
     strict: bool = False,
@@ -176,7 +178,15 @@ def predict(
     paths = expand_inputs(inputs)
     skipped: list[BadFile] = []
     preds = list(
-        predict_paths(bundle, paths, top_k, batch_size, strict, skipped.append, progress=progress)
+        predict_paths(
+            bundle,
+            paths,
+            top_k=top_k,
+            batch_size=batch_size,
+            strict=strict,
+            on_skip=skipped.append,
+            progress=progress,
+        )
     )
     return preds, skipped
 

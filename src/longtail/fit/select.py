@@ -73,6 +73,7 @@ def score_methods(
     heads: dict[str, nn.Module],
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
     train_counts: np.ndarray,
+    *,
     many: int = 100,
     few: int = 20,
 ) -> list[MethodScore]:

@@ -149,11 +149,6 @@ def full_key(key: str) -> str:
     return f"{key}|threads={torch.get_num_threads()}"
 
 
-def time_call(name: str, fn: Callable[[], object], seconds: float = SECONDS) -> float:
-    """Seconds per call of ``fn``: one warm-up call, then the median of calls for ``seconds``."""
-    return time_interleaved({name: fn}, seconds)[name]
-
-
 def time_interleaved(
     candidates: dict[str, Callable[[], object]], seconds: float = SECONDS
 ) -> dict[str, float]:

@@ -363,7 +363,7 @@ def _all_pytorch(conv: nn.Conv2d, x: torch.Tensor, mode: str) -> bool:
     """Under ``"auto"``: every pass of this shape already decided for PyTorch, so ``conv(x)``
     runs as is, with autograd's single backward call, not through :class:`_Conv3x3` (whose
     per-pass wrapper and split backward cost ~8 ms of a ~110 ms ResNet-32 step on an AMX Xeon,
-    where oneDNN wins every pass; docs/RESULTS.md, issue 16)."""
+    where oneDNN wins every pass; docs/RESULTS.md, "Kernels chosen by measurement")."""
     return mode == "auto" and all(
         autotune.cached(k) == autotune.BASELINE for k in _pass_keys(conv, x)
     )

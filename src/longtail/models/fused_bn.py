@@ -180,8 +180,9 @@ class _EagerBNReLU(torch.autograd.Function):
 
     Calling a ``torch.library.custom_op`` from eager Python costs ~140 µs per forward + backward
     pair here (dispatcher, Python autograd wrapper, input checks), ~4 ms of a ~110 ms ResNet-32
-    step on an AMX Xeon (docs/RESULTS.md, issue 16); :func:`_fusable` has already checked what
-    the kernel needs. Graphs (``torch.compile``, ``torch.export``) still see the custom op.
+    step on an AMX Xeon (docs/RESULTS.md, "Kernels chosen by measurement"); :func:`_fusable`
+    has already checked what the kernel needs. Graphs (``torch.compile``, ``torch.export``)
+    still see the custom op.
     """
 
     @staticmethod

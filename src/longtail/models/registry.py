@@ -30,6 +30,7 @@ def build_model(
     name: str,
     num_classes: int,
     in_channels: int = 3,
+    *,
     weights_path: str | None = None,
     kernels: str | None = None,
 ) -> nn.Module:

@@ -1,22 +1,22 @@
 """Stage 1: representation learning (loop, schedules, losses, SWA, SWAG, checkpoints).
 
-The package's entry points are :class:`Stage1` and :func:`train` (the training loop,
-:mod:`longtail.train.loop`); code above this layer (``fit``, ``sweep``, the CLI) imports them from
-here. They are imported on first use, so ``longtail.train.bn`` or ``longtail.train.swag`` load
-without the loop. The plumbing other stages share lives below this layer: data loading in
-:mod:`longtail.data.build`, device and process facts in :mod:`longtail.runtime` and
-:mod:`longtail.distributed`, crash-safe files in :mod:`longtail.io`.
+The package's entry point is :class:`Stage1` (the training loop, :mod:`longtail.train.loop`);
+code above this layer (``fit``, ``sweep``, the CLI) imports it from here. It is imported on first
+use, so ``longtail.train.bn`` or ``longtail.train.swag`` load without the loop. The plumbing
+other stages share lives below this layer: data loading in :mod:`longtail.data.build`, device
+and process facts in :mod:`longtail.runtime` and :mod:`longtail.distributed`, crash-safe files
+in :mod:`longtail.io`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["Stage1", "train"]
+__all__ = ["Stage1"]
 
 
 def __getattr__(name: str) -> object:
-    """Import ``Stage1`` / ``train`` from :mod:`longtail.train.loop` on first use."""
+    """Import ``Stage1`` from :mod:`longtail.train.loop` on first use."""
     if name in __all__:
         return getattr(importlib.import_module("longtail.train.loop"), name)
     raise AttributeError(f"module 'longtail.train' has no attribute {name!r}")

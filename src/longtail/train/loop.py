@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel
 
 from longtail.config import diff_configs, load_config, to_yaml
-from longtail.data.build import build_data, make_loaders
+from longtail.data.build import build_data, check_batch_size, make_loaders
 from longtail.data.loader import BatchLoader
 from longtail.data.samplers import make_sampler
 from longtail.distributed import average_bn_buffers, convert_sync_bn
@@ -32,7 +32,7 @@ from longtail.errors import LongtailError
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from longtail.models import autotune, build_model
-from longtail.models.predict import collect_outputs
+from longtail.models.inference import collect_outputs
 from longtail.progress import format_seconds, progress
 from longtail.rundir import RunDir
 from longtail.runtime import init_distributed, make_runtime, seed_everything
@@ -46,7 +46,6 @@ from longtail.train.swag import SWAG
 RESUME_MUTABLE = (
     "device",
     "optim.grad_clip",
-    "log_every_steps",
     "checkpoint_every_steps",
     "data.num_workers",
     "data.root",
@@ -70,9 +69,10 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _prepare_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
+def _check_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
+    """Refuse a resume into a folder that is not a run of the same config, or a new run into a
+    started one; writes nothing."""
     out = run.path
-    out.mkdir(parents=True, exist_ok=True)
     if resume:
         if not run.config_path.is_file():
             raise LongtailError(
@@ -101,21 +101,21 @@ class Stage1:
         self.out = self.rundir.path
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
         init_distributed(self.rt)
-        if cfg.optim.batch_size % self.rt.world_size:
-            raise LongtailError(
-                f"optim.batch_size={cfg.optim.batch_size} (the global batch) must be divisible "
-                f"by the {self.rt.world_size} processes"
-            )
-        self.cfg = _prepare_run_dir(cfg, self.rundir, resume)
+        check_batch_size(cfg.optim.batch_size, self.rt.world_size)
+        self.swa_start = swa_start_epoch(cfg)
+        self.collect_from = swa_collect_from(cfg)  # snapshots once the lr is swa.lr
+        self.cfg = _check_run_dir(cfg, self.rundir, resume)
         seed_everything(cfg.seed, cfg.deterministic)
         self.splits = build_data(cfg)
+        check_batch_size(cfg.optim.batch_size, self.rt.world_size, len(self.splits.train))
+        self.out.mkdir(parents=True, exist_ok=True)  # the whole config checked: now write
         self.counts = self.splits.train.counts()
         self.loaders = make_loaders(cfg, self.splits, self.rt)
         self.model = build_model(
             cfg.model.name,
             self.splits.train.num_classes,
             self.splits.train.channels,
-            cfg.model.weights_path,
+            weights_path=cfg.model.weights_path,
             kernels=cfg.kernels,
         )
         self.model.to(self.rt.device)
@@ -143,22 +143,16 @@ class Stage1:
         self.sampler = make_sampler(
             cfg.sampler.name,
             self.splits.train.labels.numpy(),
-            cfg.seed,
-            cfg.sampler.q,
-            o.epochs,
-            self.rt.rank,
-            self.rt.world_size,
+            seed=cfg.seed,
+            q=cfg.sampler.q,
+            total_epochs=o.epochs,
+            rank=self.rt.rank,
+            world_size=self.rt.world_size,
         )
-        self.swa_start = swa_start_epoch(cfg)
-        self.collect_from = swa_collect_from(cfg)  # snapshots once the lr is swa.lr
         self.swa_model = AveragedModel(self.model) if self.swa_start is not None else None
         self.swag = SWAG(self.model, cfg.swa.swag_rank) if self.swa_start is not None else None
+        # >= 1: check_batch_size compared the batch with this process's draws
         self.steps_per_epoch = self.loaders["train"].num_batches(len(self.sampler), drop_last=True)
-        if self.steps_per_epoch == 0:
-            raise LongtailError(
-                f"optim.batch_size={o.batch_size} exceeds the "
-                f"{len(self.splits.train)} training images"
-            )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         if resume:
             self._restore()
@@ -285,13 +279,13 @@ class Stage1:
             epoch_float,
             o.lr,
             o.epochs,
-            o.warmup_epochs,
-            o.schedule,
-            list(o.milestones),
-            o.gamma,
-            self.swa_start,
-            self.cfg.swa.lr,
-            self.cfg.swa.anneal_epochs,
+            warmup_epochs=o.warmup_epochs,
+            schedule=o.schedule,
+            milestones=list(o.milestones),
+            gamma=o.gamma,
+            swa_start=self.swa_start,
+            swa_lr=self.cfg.swa.lr,
+            swa_anneal_epochs=self.cfg.swa.anneal_epochs,
         )
 
     def _collecting(self, epoch_float: float) -> bool:
@@ -335,7 +329,11 @@ class Stage1:
             target = y
             if cfg.loss.mixup_alpha > 0:
                 x, target = mixup(
-                    x, y, len(self.counts), cfg.loss.mixup_alpha, self.loaders["train"].generator
+                    x,
+                    y,
+                    len(self.counts),
+                    alpha=cfg.loss.mixup_alpha,
+                    generator=self.loaders["train"].generator,
                 )
             with rt.autocast():
                 logits = self.net(x)
@@ -449,24 +447,3 @@ class Stage1:
         if limit > 0:
             idx = idx[: limit * self.cfg.optim.batch_size]
         return loader.batches(idx[self.rt.rank :: self.rt.world_size])
-
-
-def train(
-    cfg: DictConfig | str, out: str | Path, overrides: list[str] | None = None, resume: bool = False
-) -> dict:
-    """Run stage 1 from a config (object or YAML path) into run directory ``out``."""
-    if not isinstance(cfg, DictConfig):
-        cfg = load_config(cfg, overrides)
-    elif overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    return Stage1(cfg, out, resume).fit()
-
-
-def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The resolved config saved in a run directory (:meth:`RunDir.config`)."""
-    return RunDir(run_dir).config()
-
-
-def read_run_info(run_dir: str | Path) -> dict:
-    """``run.json`` of a run directory (:meth:`RunDir.info`)."""
-    return RunDir(run_dir).info()

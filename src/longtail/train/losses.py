@@ -36,7 +36,12 @@ def make_loss(
 
 
 def mixup(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, generator: torch.Generator
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    alpha: float,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al. 2018): ``x (B, ...)`` and one-hot targets ``(B, C)`` mixed with a
     permuted copy by ``lam ~ Beta(alpha, alpha)``."""

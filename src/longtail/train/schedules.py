@@ -13,6 +13,7 @@ def lr_at(
     epoch: float,
     base_lr: float,
     epochs: int,
+    *,
     warmup_epochs: float = 0.0,
     schedule: str = "step",
     milestones: list[float] | tuple = (),

@@ -1,4 +1,4 @@
-"""Forward passes over a whole split: logits and features, in eval mode, no gradients."""
+"""Batched model inference: logits or features of a whole split, in eval mode, no gradients."""
 
 from __future__ import annotations
 

@@ -232,6 +232,7 @@ def _skipped_lines(skipped: list[BadFile]) -> list[str]:
 def read_user_data(
     train: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     val: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     image_size: int | None = None,
@@ -404,12 +405,13 @@ def save_user_data(data: UserData) -> None:
 def prepare_user_data(
     train: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     val: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> UserData:
     """Read, check, split, decode and materialise a user's data into ``out``:
     :func:`read_user_data` (same arguments) then :func:`save_user_data`."""
-    data = read_user_data(train, out, val, test, **kwargs)
+    data = read_user_data(train, out, val=val, test=test, **kwargs)
     save_user_data(data)
     return data
