@@ -27,11 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import longtail
+from longtail.classify.heads import head_spec
 from longtail.classify.run import Stage2, results_table
 from longtail.config import load_config
 from longtail.errors import LongtailError
 from longtail.evaluate.report import write_report
-from longtail.fit.bundle import Bundle, DeployedClassifier, head_spec, save_bundle
+from longtail.fit.bundle import Bundle, DeployedClassifier, save_bundle
 from longtail.fit.images import decode
 from longtail.fit.plan import recipe, recipe_summary
 from longtail.fit.prepare import UserData, read_user_data, save_user_data
@@ -189,7 +190,7 @@ def fit(
     Stage1(cfg, run_dir).fit()
     log("stage 2: every classifier-learning method on the cached SWA features")
     s2 = Stage2(run_dir, log=log)
-    results = s2.run(["all"])
+    results = s2.run()
     log(results_table(results))
     d = cfg.data
     scores = score_methods(s2.heads, s2.features(), s2.counts, d.many_shot, d.few_shot)
