@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from longtail.classify.heads import LinearHead
+from longtail.classify.heads import LinearHead, head_spec
 from longtail.config import load_config
 from longtail.evaluate import report
-from longtail.fit.bundle import DeployedClassifier, head_spec, save_bundle
+from longtail.fit.bundle import DeployedClassifier, save_bundle
 from longtail.fit.images import Preprocessing
 from longtail.io import verified_load
 from longtail.models import build_model

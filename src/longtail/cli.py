@@ -2,7 +2,7 @@
 
     longtail data summary --dataset fashion-mnist --imbalance 100
     longtail train configs/fashion_mnist_lt.yaml optim.epochs=10 --out runs/fm
-    longtail classify runs/fm --method all
+    longtail classify runs/fm --method all [--plugin my_methods]
     longtail report runs/fm [runs/fm-seed1 ...] [--out DIR]
     longtail fit MY_IMAGES/ --out fits/mine
     longtail predict fits/mine photo.jpg folder/ --top-k 3 [--runtime onnx]
@@ -44,6 +44,14 @@ _imbalance = _argtype(_check_imbalance)
 def _is_main_process() -> bool:
     """False on torchrun ranks other than 0, which stay quiet."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _load_plugins(a: argparse.Namespace) -> None:
+    """Import the ``--plugin`` modules (they register their stage-2 methods and heads)."""
+    if getattr(a, "plugin", None):
+        from longtail.classify.plugins import load_plugins
+
+        load_plugins(a.plugin)
 
 
 def cmd_data_summary(a: argparse.Namespace) -> int:
@@ -125,7 +133,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
     from longtail.rundir import RunDir
 
-    res = classify(a.run_dir, a.method, a.overrides)
+    res = classify(a.run_dir, a.method, a.overrides)  # --method None: stage2.methods
     if not _is_main_process():
         return 0
     print(results_table(res))
@@ -151,7 +159,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"stage 1: ResNet-32 on digits-LT (IF {cfg.data.imbalance:g}) with SWA/SWAG -> {out}")
         Stage1(cfg, out, resume=resume).fit()
     print("stage 2: every classifier-learning method on the cached features")
-    res = classify(out, ["all"])
+    res = classify(out)
     print(results_table(res))
     print(f"results: {run.results_path()}")
     from longtail.evaluate.report import write_report
@@ -185,7 +193,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         a.seeds,
         a.out,
         overrides=a.overrides,
-        methods=tuple(a.method),
+        methods=tuple(a.method) if a.method else None,
         vary_subset=a.vary_subset,
     )
     return 0
@@ -281,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``longtail`` command."""
     p = _Parser(prog="longtail", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # the commands that look up stage-2 methods or heads take plugins of the user's own
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module (or .py file) registering stage-2 methods of your own; repeatable; "
+        "also $LONGTAIL_PLUGINS (comma-separated)",
+    )
 
     data = sub.add_parser("data", help="inspect datasets").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -305,25 +323,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     t.set_defaults(fn=cmd_train)
 
-    c = sub.add_parser("classify", help="stage 2: classifier learning on a stage-1 run")
+    c = sub.add_parser(
+        "classify", help="stage 2: classifier learning on a stage-1 run", parents=[plugin]
+    )
     c.add_argument("run_dir")
     c.add_argument("overrides", nargs="*", help="key=value, e.g. stage2.epochs=20")
     c.add_argument(
-        "--method", nargs="+", default=["all"], help="joint ncm crt tau lws srepr, or all"
+        "--method",
+        nargs="+",
+        default=None,
+        help="registered stage-2 methods (joint ncm crt tau lws srepr, and any of your "
+        "plugins), or all; default: the config's stage2.methods",
     )
     c.set_defaults(fn=cmd_classify)
 
-    r = sub.add_parser("report", help="HTML + Markdown report of one or more classified runs")
+    r = sub.add_parser(
+        "report", help="HTML + Markdown report of one or more classified runs", parents=[plugin]
+    )
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="several: mean ± std (seeds)")
     r.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
     r.set_defaults(fn=cmd_report)
 
-    w = sub.add_parser("sweep", help="stage 1 per seed + every stage-2 method, mean ± std")
+    w = sub.add_parser(
+        "sweep", help="stage 1 per seed + every stage-2 method, mean ± std", parents=[plugin]
+    )
     w.add_argument("recipe", help="YAML recipe or shipped recipe name")
     w.add_argument("overrides", nargs="*", help="key=value, applied to every seed")
     w.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2])
     w.add_argument("--out", required=True, help="folder for seed<N>/ runs and the report")
-    w.add_argument("--method", nargs="+", default=["all"])
+    w.add_argument("--method", nargs="+", default=None, help="default: the config's stage2.methods")
     w.add_argument(
         "--vary-subset",
         action="store_true",
@@ -331,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.set_defaults(fn=cmd_sweep)
 
-    f = sub.add_parser("fit", help="your own images: train, calibrate, choose, bundle")
+    f = sub.add_parser(
+        "fit", help="your own images: train, calibrate, choose, bundle", parents=[plugin]
+    )
     f.add_argument("root", help="ImageFolder tree ROOT/<class>/<image>, or a CSV / list file")
     f.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=20")
     f.add_argument("--out", required=True, help="new output folder (bundle, report, run)")
@@ -343,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--strict", action="store_true", help="fail on unreadable files")
     f.set_defaults(fn=cmd_fit)
 
-    q = sub.add_parser("predict", help="calibrated labels for images, from a fit's bundle")
+    q = sub.add_parser(
+        "predict", help="calibrated labels for images, from a fit's bundle", parents=[plugin]
+    )
     q.add_argument("bundle", metavar="DIR", help="the --out folder of `longtail fit`")
     q.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     q.add_argument("--top-k", type=int, default=5)
@@ -358,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.set_defaults(fn=cmd_predict)
 
-    e = sub.add_parser("export", help="write a bundle's network as ONNX, pt2 or TorchScript")
+    e = sub.add_parser(
+        "export", help="write a bundle's network as ONNX, pt2 or TorchScript", parents=[plugin]
+    )
     e.add_argument("bundle", metavar="DIR", help="the --out folder of `longtail fit`")
     e.add_argument("--format", required=True, choices=["onnx", "pt2", "torchscript"])
     e.add_argument("--out", default=None, help="file to write (default DIR/bundle/model.<ext>)")
@@ -377,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(fn=cmd_export)
 
-    d = sub.add_parser("demo", help="the whole pipeline on digits-LT, on CPU in about a minute")
+    d = sub.add_parser(
+        "demo", help="the whole pipeline on digits-LT, on CPU in about a minute", parents=[plugin]
+    )
     d.add_argument("overrides", nargs="*")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)
@@ -401,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _load_plugins(args)
         return int(args.fn(args) or 0)
     except LongtailError as e:
         print(f"longtail: error: {e}", file=sys.stderr)

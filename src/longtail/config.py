@@ -87,9 +87,9 @@ class SWAConfig:
 
 @dataclass
 class Stage2Config:
-    methods: list[str] = field(
-        default_factory=lambda: ["joint", "ncm", "crt", "tau", "lws", "srepr"]
-    )
+    # what `longtail classify` runs without --method: names of longtail.classify.registry
+    # (plugins' included), or all (every registered method); checked when classify reads it
+    methods: list[str] = field(default_factory=lambda: ["all"])
     backbone: str = "auto"  # auto (SWA when available) | swa | final
     batch_size: int = 512
     epochs: int = 10

@@ -2,9 +2,10 @@
 
 For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done, as
 :class:`longtail.rundir.RunDir` decides); stage 2 runs on the SWA features (``results.json``) and,
-when the run has SWA, also on the final SGD model's features (``results-final.json``), so both can
-be compared. The aggregate (mean ± std over seeds) is printed, written to ``OUT/summary.json`` and
-rendered as ``OUT/report.html``.
+when the run has SWA, also on the final SGD model's features (``results-final.json``) with the
+methods that need no SWAG posterior (:func:`longtail.classify.registry.without_swag`), so both
+can be compared. The aggregate (mean ± std over seeds) is printed, written to
+``OUT/summary.json`` and rendered as ``OUT/report.html``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from longtail.classify.run import classify
+from longtail.classify import registry
+from longtail.classify.run import CONFIG_KEY, classify
 from longtail.config import load_config
 from longtail.evaluate.report import comparison_table, load_run, write_report
 from longtail.io import atomic_write_json
@@ -79,11 +81,14 @@ def sweep(
     out: str | Path,
     *,
     overrides: list[str] | None = None,
-    methods: tuple[str, ...] = ("all",),
+    methods: tuple[str, ...] | None = None,
     vary_subset: bool = False,
     log=print,
 ) -> dict:
-    """Run the whole protocol for every seed and aggregate; returns the summary dict."""
+    """Run the whole protocol for every seed and aggregate; returns the summary dict.
+
+    ``methods``: stage-2 method names or ``all``; ``None``: each run's ``stage2.methods``.
+    """
     out = Path(out)
     overrides = list(overrides or [])
     runs = []
@@ -91,14 +96,15 @@ def sweep(
         run = run_seed(recipe, seed, out, overrides=overrides, vary_subset=vary_subset, log=log)
         rd = RunDir(run)
         if not rd.results_path().is_file():
-            classify(run, list(methods), log=log)
+            classify(run, methods, log=log)
         if rd.model_path("swa").is_file() and not rd.results_path("final").is_file():
-            sgd = (
-                [m for m in methods if m != "srepr"]
-                if "all" not in methods
-                else ["joint", "ncm", "crt", "tau", "lws"]
-            )
-            classify(run, sgd, ["stage2.backbone=final"], log=log)
+            if methods is None:
+                names = registry.resolve(rd.config().stage2.methods, CONFIG_KEY)
+            else:
+                names = registry.resolve(methods)
+            sgd = registry.without_swag(names)
+            if sgd:
+                classify(run, sgd, ["stage2.backbone=final"], log=log)
         runs.append(run)
     summary = {
         "recipe": recipe,

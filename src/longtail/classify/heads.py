@@ -1,4 +1,10 @@
-"""Classifier heads on cached features ``(N, d)`` -> logits ``(N, C)``, and their training."""
+"""Classifier heads on cached features ``(N, d)`` -> logits ``(N, C)``, and their training.
+
+Every head here is a :class:`Head`: besides ``forward`` it says how to rebuild itself
+(:meth:`Head.spec`, :meth:`Head.from_spec`), so a model bundle can save and reload any of them
+(its tensors travel in the state dict) without knowing the kinds. A head class defined outside
+longtail becomes bundleable the same way: subclass :class:`Head` with its own ``kind``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,90 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.classify.plugins import load_env_plugins
 from longtail.data.samplers import make_sampler
+from longtail.errors import LongtailError
+
+_KINDS: dict[str, type[Head]] = {}
 
 
-class LinearHead(nn.Module):
+class Head(nn.Module):
+    """A stage-2 head a bundle can save and rebuild: features ``(N, d)`` -> logits ``(N, C)``.
+
+    Subclasses set the class attribute ``kind`` (a name unique among heads; registered when the
+    class is defined) and implement :meth:`spec` and :meth:`from_spec`.
+    """
+
+    kind = ""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if not kind:
+            return
+        known = _KINDS.get(kind)
+        if known is not None and _qualname(known) != _qualname(cls):
+            raise LongtailError(
+                f"head kind {kind!r} of {_qualname(cls)} is taken by {_qualname(known)}: give "
+                "the class another kind"
+            )
+        _KINDS[kind] = cls
+
+    def spec(self) -> dict:
+        """How to rebuild this head empty (JSON-ready; ``kind`` plus constructor options)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict, num_classes: int, dim: int) -> Head:
+        """An empty head of ``spec`` for ``C = num_classes`` and features of width ``d = dim``,
+        ready for ``load_state_dict``."""
+        raise NotImplementedError
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def head_spec(head: nn.Module) -> dict:
+    """How to rebuild ``head`` (:meth:`Head.spec`), checked to name the head's own class.
+
+    Raises:
+        LongtailError: the head is not a :class:`Head` with a kind of its own.
+    """
+    kind = type(head).__dict__.get("kind") if isinstance(head, Head) else None
+    if not kind or _KINDS.get(kind) is not type(head):
+        raise LongtailError(
+            f"cannot bundle a head of type {type(head).__name__}: a bundleable head subclasses "
+            "longtail.classify.heads.Head with its own kind, spec() and from_spec()"
+        )
+    spec = head.spec()
+    if spec.get("kind") != kind:
+        raise LongtailError(f"{type(head).__name__}.spec() must name kind {kind!r}")
+    return spec
+
+
+def build_head(spec: dict, num_classes: int, dim: int) -> Head:
+    """An empty head of the kind ``spec`` names (:meth:`Head.from_spec`), for ``load_state_dict``.
+
+    Raises:
+        LongtailError: no head class of that kind is defined (e.g. a plugin's, not loaded).
+    """
+    if spec.get("kind", "") not in _KINDS:
+        load_env_plugins()  # a plugin's head class is defined when its module is imported
+    cls = _KINDS.get(spec.get("kind", ""))
+    if cls is None:
+        raise LongtailError(
+            f"unknown head kind {spec.get('kind')!r} in the bundle; known: {', '.join(_KINDS)} "
+            "(a plugin's head: load the plugin that defines it with --plugin or "
+            "$LONGTAIL_PLUGINS)"
+        )
+    return cls.from_spec(spec, num_classes, dim)
+
+
+class LinearHead(Head):
     """``z W^T + b``; ``weight`` ``(C, d)``, ``bias`` ``(C,)`` (may be ``None``)."""
+
+    kind = "linear"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -29,12 +114,22 @@ class LinearHead(nn.Module):
         b = (torch.rand(num_classes, generator=g) * 2 - 1) * bound
         return cls(w, b)
 
+    def spec(self) -> dict:
+        return {"kind": self.kind, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, num_classes: int, dim: int) -> LinearHead:
+        b = torch.zeros(num_classes) if spec["bias"] else None
+        return cls(torch.zeros(num_classes, dim), b)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z.float(), self.weight, self.bias)
 
 
-class ScaledHead(nn.Module):
+class ScaledHead(Head):
     """LWS: fixed ``W, b`` and a learnable per-class scale ``f`` ``(C,)``: ``f * (z W^T + b)``."""
+
+    kind = "scaled"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -47,13 +142,23 @@ class ScaledHead(nn.Module):
         """Effective weights ``f_i * w_i`` ``(C, d)`` (for weight-norm plots)."""
         return self.w0 * self.scale.detach().unsqueeze(1)
 
+    def spec(self) -> dict:
+        return {"kind": self.kind, "bias": self.b0 is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, num_classes: int, dim: int) -> ScaledHead:
+        b = torch.zeros(num_classes) if spec["bias"] else None
+        return cls(torch.zeros(num_classes, dim), b)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(z.float(), self.w0, self.b0)
 
 
-class NCMHead(nn.Module):
+class NCMHead(Head):
     """Nearest class mean: ``-||z' - mu_c||`` (euclidean) or ``cos(z', mu_c)`` (cosine), with
     ``z' = normalize(z - center)`` as in Kang et al."""
+
+    kind = "ncm"
 
     def __init__(self, centroids: torch.Tensor, center: torch.Tensor, metric: str = "euclidean"):
         super().__init__()
@@ -64,6 +169,13 @@ class NCMHead(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.centroids
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "metric": self.metric}
+
+    @classmethod
+    def from_spec(cls, spec: dict, num_classes: int, dim: int) -> NCMHead:
+        return cls(torch.zeros(num_classes, dim), torch.zeros(dim), spec["metric"])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         zn = F.normalize(z.float() - self.center, dim=1)

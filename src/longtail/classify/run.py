@@ -1,22 +1,25 @@
-"""``longtail classify RUN_DIR``: every stage-2 method on one cached set of features.
+"""``longtail classify RUN_DIR``: stage-2 methods on one cached set of features.
 
-Loads the stage-1 run, caches backbone features (and SWAG-sample banks for SRepr), fits each
-method on train (choosing tau, alpha on val), evaluates on test, fits a temperature per method
-on val, and writes ``results.json`` with one entry per method.
+Loads the stage-1 run, caches backbone features (and SWAG-sample banks for the methods that read
+them), fits each requested method of :mod:`longtail.classify.registry` on train (choosing tau,
+alpha on val), evaluates on test, fits a temperature per method on val, and writes
+``results.json`` with one entry per method.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from longtail.classify import methods as M
+from longtail.classify import registry
 from longtail.classify.features import cached, extract, swag_banks
-from longtail.classify.heads import LinearHead
-from longtail.classify.srepr import bma_logits, train_srepr
+from longtail.classify.interface import Stage2Context, Stage2Method
 from longtail.data.build import build_data, make_loaders
 from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
@@ -29,19 +32,19 @@ from longtail.rundir import RunDir
 from longtail.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.swag import SWAG
 
-METHODS = ("joint", "ncm", "crt", "tau", "lws", "srepr")
+CONFIG_KEY = "stage2.methods"
 
 
-def _resolve_methods(requested: list[str] | tuple[str, ...]) -> list[str]:
-    out = []
-    for m in requested:
-        if m == "all":
-            out += [x for x in METHODS if x not in out]
-        elif m in METHODS:
-            out.append(m) if m not in out else None
-        else:
-            raise LongtailError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or all")
-    return out
+def _memo(compute: Callable[[], dict]) -> Callable[[], dict]:
+    """``compute`` called once, on first use; later calls return the same value."""
+    box: list[dict] = []
+
+    def get() -> dict:
+        if not box:
+            box.append(compute())
+        return box[0]
+
+    return get
 
 
 class Stage2:
@@ -73,8 +76,10 @@ class Stage2:
             )
         self.model = self._load_model(weights)
         self.timings: dict[str, float] = {}
-        # the heads fitted by the last run(), by method: features (N, d) -> logits (N, C)
+        # the heads fitted by the last run(), by method: their input (features (N, d), or the
+        # SWAG banks (M, N, d), see Stage2Method.inputs) -> logits (N, C)
         self.heads: dict[str, torch.nn.Module] = {}
+        self._swag: Callable[[], dict] | None = None  # the SWAG banks, loaded on first use
 
     def _load_model(self, weights: Path) -> torch.nn.Module:
         c = self.cfg
@@ -118,10 +123,7 @@ class Stage2:
         s2 = self.cfg.stage2
         swag_path = self.rundir.swag_path
         if not swag_path.is_file():
-            raise LongtailError(
-                f"srepr needs a SWAG posterior, and {swag_path} does not exist: "
-                "train stage 1 with swa.enabled=true and swa.swag_rank >= 2"
-            )
+            raise LongtailError(_no_swag("SWAG feature banks need", swag_path))
         swag = SWAG(self.model, 0)
         swag.load_state_dict(verified_load(swag_path))
         tag = f"swag-M{s2.srepr_samples}-s{s2.srepr_scale:g}-seed{self.cfg.seed}"
@@ -141,16 +143,12 @@ class Stage2:
         )
 
     # ------------------------------------------------------------------ methods
-    def run(self, methods: list[str] | tuple[str, ...] = ("all",)) -> dict:
-        """Fit, evaluate and calibrate the requested methods; returns the results dict."""
-        methods = _resolve_methods(methods)
-        if "srepr" in methods and not self.rundir.swag_path.is_file():
-            if methods == ["srepr"]:
-                self.swag_features()  # raises the explanatory error
-            self.log("note: skipping srepr: this run has no SWAG posterior (swa.enabled=false)")
-            methods.remove("srepr")
-        needs_val = {"tau", "srepr"} & set(methods)
+    def run(self, methods: Sequence[str] | None = None) -> dict:
+        """Fit, evaluate and calibrate the requested methods (``None``: the config's
+        ``stage2.methods``; ``all``: every registered one); returns the results dict."""
+        chosen = self._plan(methods)
         feats = self.features()
+        needs_val = [m.name for m in chosen if m.needs_val]
         if "val" not in feats and needs_val:
             raise LongtailError(
                 f"{', '.join(sorted(needs_val))} choose hyper-parameters on a "
@@ -158,103 +156,76 @@ class Stage2:
                 "data.val_per_class > 0 in stage 1"
             )
         ztr, ytr = feats["train"]
-        views = self.augmented_views()
-        zfit = views if views is not None else ztr
-        s2, seed, c = self.cfg.stage2, self.cfg.seed, self.num_classes
-        joint_w = self.model.classifier.weight.detach().float().cpu()
-        joint_b = self.model.classifier.bias.detach().float().cpu()
+        zv, yv = feats.get("val", (None, None))
+        views = self.augmented_views() if any(m.uses_views for m in chosen) else None
         heads: dict[str, torch.nn.Module] = {}
         info: dict[str, dict] = {}
-        for m in methods:
+        self._swag = _memo(self.swag_features) if self.rundir.swag_path.is_file() else None
+        base = Stage2Context(
+            train_features=ztr,
+            train_labels=ytr,
+            num_classes=self.num_classes,
+            joint_weight=self.model.classifier.weight.detach().float().cpu(),
+            joint_bias=self.model.classifier.bias.detach().float().cpu(),
+            config=self.cfg,
+            seed=self.cfg.seed,
+            val_features=zv,
+            val_labels=yv,
+            heads=heads,
+            log=self.log,
+            swag_loader=self._swag,
+        )
+        for m in chosen:
             t0 = time.perf_counter()
-            if m == "joint":
-                heads[m] = LinearHead(joint_w, joint_b)
-            elif m == "ncm":
-                heads[m] = M.ncm(zfit, ytr, c, s2.ncm_metric)
-            elif m == "crt":
-                heads[m] = M.crt(
-                    zfit, ytr, c, s2.epochs, s2.lr, s2.weight_decay, s2.batch_size, seed
-                )
-            elif m == "tau":
-                zv, yv = feats["val"]
-                heads[m], tau, sweep = M.tau_norm(joint_w, zv, yv, list(s2.tau_grid))
-                info[m] = {"tau": tau, "sweep": sweep}
-            elif m == "lws":
-                heads[m] = M.lws(
-                    joint_w,
-                    joint_b,
-                    zfit,
-                    ytr,
-                    s2.lws_epochs,
-                    s2.lr,
-                    s2.weight_decay,
-                    s2.batch_size,
-                    seed,
-                )
-            elif m == "srepr":
-                self._srepr(feats, heads, info)
-            self.timings[m] = time.perf_counter() - t0
+            ctx = replace(base, info={}, views=views if m.uses_views else None)
+            heads[m.name] = m.fit(ctx)
+            if ctx.info:
+                info[m.name] = ctx.info
+            self.timings[m.name] = time.perf_counter() - t0
         self.heads = dict(heads)
-        return self._evaluate(feats, heads, info)
+        return self._evaluate(feats, chosen, heads, info)
 
-    def _srepr(self, feats: dict, heads: dict, info: dict) -> None:
-        s2, seed, c = self.cfg.stage2, self.cfg.seed, self.num_classes
-        t0 = time.perf_counter()
-        banks = self.swag_features()
-        t_banks = time.perf_counter() - t0
-        z0, y = feats["train"]
-        bank = banks["train"][0]
-        zv, yv = feats["val"]
-
-        def fit(alpha: float) -> LinearHead:
-            return train_srepr(
-                z0,
-                bank,
-                y,
-                c,
-                alpha,
-                s2.srepr_temperature,
-                s2.srepr_weighting,
-                s2.srepr_epochs,
-                s2.lr,
-                s2.weight_decay,
-                s2.batch_size,
-                seed,
+    def _plan(self, methods: Sequence[str] | None) -> list[Stage2Method]:
+        """The registry entries to run, in order; those that need a SWAG posterior the run
+        lacks (and those that require them) left out with a note, or an error when nothing
+        else was asked for."""
+        if methods is None:
+            names = registry.resolve(self.cfg.stage2.methods, CONFIG_KEY)
+        else:
+            names = registry.resolve(methods)
+        chosen = [registry.get(n) for n in names]
+        if self.rundir.swag_path.is_file():
+            return chosen
+        kept = registry.without_swag(names)
+        skipped = [n for n in names if n not in kept]
+        if skipped and len(skipped) == len(chosen):
+            verb = "needs" if len(skipped) == 1 else "need"
+            raise LongtailError(_no_swag(f"{', '.join(skipped)} {verb}", self.rundir.swag_path))
+        if skipped:
+            self.log(
+                f"note: skipping {', '.join(skipped)}: this run has no SWAG posterior "
+                "(swa.enabled=false)"
             )
+        return [m for m in chosen if m.name not in skipped]
 
-        grid = list(s2.srepr_alpha_grid) or [s2.srepr_alpha]
-        sweep = []
-        for a in progress(grid, desc="SRepr (α grid)", unit="fit"):
-            h = fit(a)
-            r = evaluate_logits(h(zv).detach(), yv, self.counts)
-            sweep.append({"alpha": a, "val_acc": r["accuracy"], "val_nll": r["nll"], "head": h})
-        best = min(sweep, key=lambda r: r["val_nll"])
-        heads["srepr"] = best["head"]
-        heads["srepr_ce"] = fit(0.0)  # ablation: stochastic representations, CE only
-        heads["swag_bma"] = heads["srepr"]  # evaluated on the SWAG banks, see _evaluate
-        self._banks = banks
-        info["srepr"] = {
-            "alpha": best["alpha"],
-            "temperature": s2.srepr_temperature,
-            "samples": s2.srepr_samples,
-            "scale": s2.srepr_scale,
-            "feature_bank_seconds": t_banks,
-            "sweep": [{k: v for k, v in r.items() if k != "head"} for r in sweep],
-        }
-
-    def _logits(self, name: str, head: torch.nn.Module, split: str, feats: dict) -> torch.Tensor:
+    def _logits(
+        self, method: Stage2Method, head: torch.nn.Module, split: str, feats: dict
+    ) -> torch.Tensor:
+        """``(N, C)`` logits of ``split``: the head on its features, or on the SWAG banks for
+        a method whose head takes them."""
         with torch.no_grad():
-            if name == "swag_bma":
-                return bma_logits(head, self._banks[split][0])
+            if method.inputs == "swag":
+                return head(self._swag()[split][0]).float()
             return head(feats[split][0]).float()
 
-    def _evaluate(self, feats: dict, heads: dict, info: dict) -> dict:
+    def _evaluate(self, feats: dict, chosen: list[Stage2Method], heads: dict, info: dict) -> dict:
         from longtail.evaluate.metrics import reliability_bins
 
         d, s2 = self.cfg.data, self.cfg.stage2
         results: dict[str, dict] = {}
-        for name, head in heads.items():
-            lt = self._logits(name, head, "test", feats)
+        for method in chosen:
+            name, head = method.name, heads[method.name]
+            lt = self._logits(method, head, "test", feats)
             r = evaluate_logits(lt, feats["test"][1], self.counts, d.many_shot, d.few_shot)
             # test reliability bins (15, as ECE) for the report's diagrams; NaN -> None
             rb = reliability_bins(torch.softmax(lt.double(), dim=1), feats["test"][1], 15)
@@ -263,7 +234,7 @@ class Stage2:
                 for k in ("count", "accuracy", "confidence")
             }
             if "val" in feats:
-                lv = self._logits(name, head, "val", feats)
+                lv = self._logits(method, head, "val", feats)
                 r["val"] = evaluate_logits(
                     lv, feats["val"][1], self.counts, d.many_shot, d.few_shot
                 )
@@ -280,7 +251,7 @@ class Stage2:
             norms = M.weight_norms(head)
             r["weight_norm"] = None if norms is None else [float(x) for x in norms]
             r["info"] = info.get(name, {})
-            r["seconds"] = self.timings.get(name.replace("swag_bma", "srepr"), 0.0)
+            r["seconds"] = self.timings.get(name, 0.0)
             results[name] = r
         out = {
             "run_dir": str(self.dir),
@@ -295,6 +266,13 @@ class Stage2:
         return out
 
 
+def _no_swag(who_needs: str, swag_path: Path) -> str:
+    return (
+        f"{who_needs} a SWAG posterior, and {swag_path} does not exist: "
+        "train stage 1 with swa.enabled=true and swa.swag_rank >= 2"
+    )
+
+
 def results_path(run_dir: str | Path, backbone: str = "auto") -> Path:
     """Where stage 2 writes its results: ``results.json`` for the default backbone choice,
     ``results-<backbone>.json`` when ``stage2.backbone`` is set explicitly
@@ -304,13 +282,21 @@ def results_path(run_dir: str | Path, backbone: str = "auto") -> Path:
 
 def classify(
     run_dir: str | Path,
-    methods: list[str] | tuple[str, ...] = ("all",),
+    methods: Sequence[str] | None = None,
     overrides: list[str] | None = None,
     log=print,
 ) -> dict:
-    """Run stage-2 ``methods`` on a stage-1 run directory; returns what ``results.json`` holds
-    (and its ``path``)."""
-    _resolve_methods(methods)  # a typo fails before any data is loaded
+    """Run stage-2 ``methods`` on a stage-1 run directory; returns what ``results.json`` holds.
+
+    Args:
+        methods: registered method names or ``all``; ``None``: the run config's
+            ``stage2.methods`` (with ``overrides`` applied).
+    """
+    # a typo fails before any data is loaded
+    if methods is None:
+        registry.resolve(RunDir(run_dir).config(overrides).stage2.methods, CONFIG_KEY)
+    else:
+        registry.resolve(methods)
     return Stage2(run_dir, overrides, log).run(methods)
 
 

@@ -9,7 +9,8 @@ This project's reading of Nam, Jang & Lee (ICLR 2023), see docs/METHODS.md:
                                                                     (SWAG average -> SWA student)
 
 optionally weighting each example's distillation term by the teacher's confidence. At test time
-the prediction is ``softmax(g(z0))``: one pass of the SWA backbone.
+the prediction is ``softmax(g(z0))``: one pass of the SWA backbone. :class:`BMAHead` is the
+reference it is compared with: the same ``g`` averaged over the M SWAG feature banks.
 """
 
 from __future__ import annotations
@@ -89,3 +90,23 @@ def bma_logits(head: torch.nn.Module, bank: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         probs = torch.stack([F.softmax(head(bank[i].float()), -1) for i in range(bank.shape[0])])
         return probs.mean(0).clamp_min(1e-12).log()
+
+
+class BMAHead(torch.nn.Module):
+    """A head averaged over SWAG samples: banks ``(M, N, d)`` -> :func:`bma_logits` ``(N, C)``.
+
+    Not deployable (it needs M backbone passes per image); ``weight`` is the inner head's, for
+    the weight-norm figures.
+    """
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The inner head's (effective) weights ``(C, d)``."""
+        return self.head.weight
+
+    def forward(self, bank: torch.Tensor) -> torch.Tensor:
+        return bma_logits(self.head, bank)

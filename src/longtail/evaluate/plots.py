@@ -62,21 +62,10 @@ def class_count_histogram(
 
 # --------------------------------------------------------------------------- report figures
 
-# One colour per stage-2 method, stable across figures (others cycle through the default palette).
-METHOD_COLORS = {
-    "joint": "#4C72B0",
-    "ncm": "#8172B2",
-    "crt": "#55A868",
-    "tau": "#C44E52",
-    "lws": "#CCB974",
-    "srepr": "#DD8452",
-    "srepr_ce": "#937860",
-    "swag_bma": "#64B5CD",
-}
 
-
-def _color(name: str, i: int) -> str:
-    return METHOD_COLORS.get(name, f"C{i % 10}")
+def _color(name: str, i: int, colors: Mapping[str, str] | None) -> str:
+    """The caller's colour for ``name`` (stable across figures), else the default palette's."""
+    return (colors or {}).get(name) or f"C{i % 10}"
 
 
 def _plain_log_xticks(ax) -> None:
@@ -103,6 +92,7 @@ def per_class_accuracy_plot(
     per_class: Mapping[str, Sequence[float | None]],
     path: str | os.PathLike,
     title: str = "",
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """Per-class test accuracy against training count (x log scale), one line per method.
 
@@ -112,6 +102,7 @@ def per_class_accuracy_plot(
             class without test examples, left out).
         path: PNG to write (atomically).
         title: figure title.
+        colors: ``{method: matplotlib colour}``; others take the default palette.
 
     With up to 100 classes every class is a marker, joined in order of training count; with more,
     markers are faint and the line is the mean accuracy of classes in log-spaced count bins.
@@ -125,7 +116,7 @@ def per_class_accuracy_plot(
         y = _nan_array(acc)
         if y.shape != counts.shape:
             raise ValueError(f"{name}: {y.shape[0]} per-class accuracies for {len(counts)} classes")
-        c = _color(name, i)
+        c = _color(name, i, colors)
         ok = order[~np.isnan(y[order])]
         if not many:
             ax.plot(counts[ok], y[ok], "o-", c=c, ms=4, lw=1.2, alpha=0.85, label=name)
@@ -156,6 +147,7 @@ def weight_norm_plot(
     norms: Mapping[str, Sequence[float]],
     path: str | os.PathLike,
     title: str = "",
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """Classifier weight norm ``||w_i||`` per class, classes sorted by training count (Kang et al.).
 
@@ -164,6 +156,7 @@ def weight_norm_plot(
         norms: ``{method: (C,) L2 norms of the (effective) class weight vectors}``.
         path: PNG to write (atomically).
         title: figure title.
+        colors: ``{method: matplotlib colour}``; others take the default palette.
 
     Classes are ordered from the largest training count (head, left) to the smallest (tail,
     right); ties keep label order. Joint training's norms typically follow class size, re-balanced
@@ -179,7 +172,7 @@ def weight_norm_plot(
         w = _nan_array(w)
         if w.shape != counts.shape:
             raise ValueError(f"{name}: {w.shape[0]} weight norms for {len(counts)} classes")
-        ax.plot(x, w[order], marker, c=_color(name, i), ms=3, lw=1.3, label=name)
+        ax.plot(x, w[order], marker, c=_color(name, i, colors), ms=3, lw=1.3, label=name)
     ax.set_xlabel("class, sorted by training count (head → tail)")
     ax.set_ylabel("classifier weight norm ‖w‖")
     if len(counts) <= 40:

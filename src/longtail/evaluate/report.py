@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from longtail.classify import registry
 from longtail.errors import LongtailError
 from longtail.evaluate import plots
 from longtail.io import atomic_write_text
@@ -55,8 +56,6 @@ TS_COLUMNS: tuple[tuple[str, str, bool | None, bool], ...] = (
     ("ece", "ECE (TS)", False, True),
     ("brier", "Brier (TS)", False, False),
 )
-# Kang et al.'s weight-norm figure: the methods with a linear classifier worth comparing.
-WEIGHT_NORM_METHODS = ("joint", "crt", "tau", "lws", "srepr")
 
 
 @dataclass
@@ -131,10 +130,19 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def _method_names(runs: Sequence[RunData]) -> list[str]:
+    """Every method of the runs: registered ones in registry order, then any others (e.g. of a
+    plugin not loaded here) in order of appearance."""
     names: list[str] = []
     for r in runs:
         names += [m for m in r.results["methods"] if m not in names]
-    return names
+    order = {m: i for i, m in enumerate(registry.available())}
+    return sorted(names, key=lambda m: order.get(m, len(order)))
+
+
+def _colors(names: Sequence[str]) -> dict[str, str]:
+    """Each registered method's colour (the registry's ``color``)."""
+    found = {m: registry.find(m) for m in names}
+    return {m: e.color for m, e in found.items() if e is not None and e.color}
 
 
 def _values(runs: Sequence[RunData], method: str, key: str, sub: str | None = None) -> list[float]:
@@ -262,6 +270,7 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
     counts = np.asarray(first.results["train_counts"])
     classes = first.results.get("classes")
     names = _method_names(runs)
+    colors = _colors(names)
     many, few = _shot_thresholds(first)
     dataset = (first.info.get("data") or {}).get("dataset", "")
     figs: list[_Figure] = []
@@ -290,7 +299,7 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
     f = _Figure("per_class", "Per-class test accuracy against training count", "")
     if per_class:
         path = fig_dir / "per_class_accuracy.png"
-        f.path = plots.per_class_accuracy_plot(counts, per_class, path)
+        f.path = plots.per_class_accuracy_plot(counts, per_class, path, colors=colors)
         f.caption = "One line per method; x log scale" + (
             f"; mean over {len(runs)} runs." if len(runs) > 1 else "."
         )
@@ -299,7 +308,9 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
     figs.append(f)
 
     norms = {}
-    for m in WEIGHT_NORM_METHODS:
+    # Kang et al.'s weight-norm figure: the linear classifiers worth comparing (the registry's
+    # plot_weight_norms)
+    for m in [m for m in names if (e := registry.find(m)) is not None and e.plot_weight_norms]:
         lists = [
             r.results["methods"][m].get("weight_norm") for r in runs if m in r.results["methods"]
         ]
@@ -308,7 +319,7 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
             norms[m] = _mean_lists(lists)
     f = _Figure("weight_norm", "Classifier weight norm per class (Kang et al.)", "")
     if norms:
-        f.path = plots.weight_norm_plot(counts, norms, fig_dir / "weight_norms.png")
+        f.path = plots.weight_norm_plot(counts, norms, fig_dir / "weight_norms.png", colors=colors)
         f.caption = (
             "L2 norm of each class's (effective) weight vector, classes sorted from the most to "
             "the fewest training images. Joint training's norms follow class size; re-balanced "
@@ -366,30 +377,19 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
 
 
 def _choices(runs: Sequence[RunData]) -> list[str]:
-    """One line per hyper-parameter chosen on the validation split (first run)."""
+    """One line per method that reports what it chose on the validation split (the registry's
+    ``describe``, given each run's ``info``; the first run decides whether there is a line)."""
     out = []
-    methods = runs[0].results["methods"]
-
-    def chosen(method: str, key: str) -> list:
-        return [((r.results["methods"].get(method) or {}).get("info") or {}).get(key) for r in runs]
-
-    tau = (methods.get("tau") or {}).get("info") or {}
-    if "tau" in tau:
-        vals = chosen("tau", "tau")
-        out.append(
-            "τ-norm: τ = "
-            + ", ".join(f"{v:g}" for v in vals if v is not None)
-            + " (validation accuracy)"
-        )
-    sr = (methods.get("srepr") or {}).get("info") or {}
-    if "alpha" in sr:
-        vals = chosen("srepr", "alpha")
-        out.append(
-            "SRepr: α = "
-            + ", ".join(f"{v:g}" for v in vals if v is not None)
-            + f" (validation NLL), T = {sr.get('temperature')}, M = {sr.get('samples')} SWAG "
-            f"samples at scale {sr.get('scale')}"
-        )
+    for name in _method_names(runs):
+        method = registry.find(name)
+        if method is None or method.describe is None:
+            continue
+        if name not in runs[0].results["methods"]:
+            continue
+        infos = [((r.results["methods"].get(name) or {}).get("info") or {}) for r in runs]
+        text = method.describe(infos)
+        if text:
+            out.append(f"{method.label}: {text}")
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from longtail.classify.heads import LinearHead, NCMHead, ScaledHead
+from longtail.classify.heads import build_head
 from longtail.errors import LongtailError
 from longtail.fit.export import FILES, export_model
 from longtail.fit.images import (
@@ -87,30 +87,6 @@ class DeployedClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities ``(B, K)`` of images ``(B, C, S, S)`` in ``[0, 1]``."""
         return torch.softmax(self.logits(x), dim=1)
-
-
-def head_spec(head: nn.Module) -> dict:
-    """How to rebuild a stage-2 head (its tensors come from the state dict)."""
-    if isinstance(head, NCMHead):
-        return {"kind": "ncm", "metric": head.metric}
-    if isinstance(head, ScaledHead):
-        return {"kind": "scaled", "bias": head.b0 is not None}
-    if isinstance(head, LinearHead):
-        return {"kind": "linear", "bias": head.bias is not None}
-    raise LongtailError(f"cannot bundle a head of type {type(head).__name__}")
-
-
-def build_head(spec: dict, num_classes: int, dim: int) -> nn.Module:
-    """An empty head of the kind ``spec`` names, ready for ``load_state_dict``."""
-    w, b = torch.zeros(num_classes, dim), torch.zeros(num_classes)
-    kind = spec["kind"]
-    if kind == "ncm":
-        return NCMHead(w, torch.zeros(dim), spec["metric"])
-    if kind == "scaled":
-        return ScaledHead(w, b if spec["bias"] else None)
-    if kind == "linear":
-        return LinearHead(w, b if spec["bias"] else None)
-    raise LongtailError(f"unknown head kind {kind!r} in the bundle")
 
 
 @dataclass
@@ -253,7 +229,7 @@ def save_bundle(
     Args:
         model: the network (moved to the CPU in float32).
         spec: ``backbone``, ``num_classes``, ``channels``, ``feature_dim``, ``head`` (from
-            :func:`head_spec`).
+            :func:`longtail.classify.heads.head_spec`).
         meta: the JSON part (classes, preprocessing, temperature, method, metrics, ...).
 
     Raises:

@@ -27,12 +27,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import longtail
+from longtail.classify.heads import head_spec
 from longtail.classify.run import Stage2, results_table
 from longtail.config import load_config
 from longtail.data.build import check_batch_size
 from longtail.errors import LongtailError
 from longtail.evaluate.report import write_report
-from longtail.fit.bundle import Bundle, DeployedClassifier, head_spec, save_bundle
+from longtail.fit.bundle import Bundle, DeployedClassifier, save_bundle
 from longtail.fit.images import decode
 from longtail.fit.ingest import UserData, read_user_data, save_user_data
 from longtail.fit.plan import recipe, recipe_summary
@@ -193,7 +194,7 @@ def fit(
     Stage1(cfg, run_dir).fit()
     log("stage 2: every classifier-learning method on the cached SWA features")
     s2 = Stage2(run_dir, log=log)
-    results = s2.run(["all"])
+    results = s2.run()
     log(results_table(results))
     d = cfg.data
     scores = score_methods(s2.heads, s2.features(), s2.counts, many=d.many_shot, few=d.few_shot)

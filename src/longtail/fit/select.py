@@ -1,10 +1,11 @@
 """Choosing the deployed stage-2 method on the validation split, each one calibrated first.
 
-For every deployable head (all stage-2 methods but ``swag_bma``, which needs M backbone passes)
-a temperature is fitted on the validation logits (:func:`longtail.evaluate.calibration.
-fit_temperature`); the method with the best validation **balanced accuracy** (the mean of
-per-class accuracies, so a long-tailed validation split counts every class equally) wins, ties
-broken by the lower validation NLL after temperature scaling. The test split is only reported.
+For every deployable head (the registry's ``deployable``, :mod:`longtail.classify.registry`: all
+built-in stage-2 methods but ``swag_bma``, which needs M backbone passes) a temperature is fitted
+on the validation logits (:func:`longtail.evaluate.calibration.fit_temperature`); the method with
+the best validation **balanced accuracy** (the mean of per-class accuracies, so a long-tailed
+validation split counts every class equally) wins, ties broken by the lower validation NLL after
+temperature scaling. The test split is only reported.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from longtail.classify import registry
 from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
-
-NOT_DEPLOYABLE = {"swag_bma": "averages M SWAG backbones (M forward passes, not one)"}
 
 
 @dataclass
@@ -80,7 +80,8 @@ def score_methods(
     """Calibrate every deployable head on validation and measure it on validation and test.
 
     Args:
-        heads: method name -> head mapping features ``(N, d)`` to logits ``(N, C)``.
+        heads: method name -> head mapping its input to logits ``(N, C)``; only the methods
+            the registry calls ``deployable`` (heads on features ``(N, d)``) are scored.
         feats: ``{"val": (z (N_v, d), y (N_v,)), "test": (z, y)}`` of the deployed backbone.
         train_counts: ``(C,)`` training images per class (shot splits).
     """
@@ -88,7 +89,7 @@ def score_methods(
         raise LongtailError("choosing a method needs a validation split")
     scores = []
     for name, head in heads.items():
-        if name in NOT_DEPLOYABLE:
+        if not registry.get(name).deployable:
             continue
         head.eval()
         zv, yv = feats["val"]
