@@ -254,7 +254,7 @@ def test_fit_scores_the_deployable_methods_the_registry_names(toy):
     shift = 0.5 * torch.log(torch.tensor([0.5, 0.3, 0.2]))
     heads = {"joint": LinearHead(w, b), NAME: PriorCorrectedHead(w, b, shift)}
     heads["swag_bma"] = heads["joint"]
-    scores = score_methods(heads, feats, np.array([50, 30, 20]), 40, 25)
+    scores = score_methods(heads, feats, np.array([50, 30, 20]), many=40, few=25)
     assert [s.name for s in scores] == ["joint", NAME]
     got = scores[1].val["accuracy"]
     assert got == pytest.approx(accuracy(heads[NAME](z[:30]), y[:30]))
@@ -284,7 +284,9 @@ def test_the_bundle_saves_and_rebuilds_a_head_defined_outside_the_package(tmp_pa
     }
     meta = {"classes": ["a", "b", "c"], "preprocessing": prep.to_json(), "temperature": 1.3}
     x = torch.rand(4, 1, 8, 8, generator=g)
-    save_bundle(tmp_path / "b", model, spec, meta, x, formats=(), log=lambda *_: None)
+    save_bundle(
+        tmp_path / "b", model, spec=spec, meta=meta, check_inputs=x, formats=(), log=lambda *_: None
+    )
     loaded = load_bundle(tmp_path / "b")
     assert type(loaded.model.head) is PriorCorrectedHead
     torch.testing.assert_close(loaded.model.head.shift, head.shift)
