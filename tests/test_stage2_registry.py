@@ -26,6 +26,7 @@ from longtail.classify import registry
 from longtail.classify.heads import Head, LinearHead, build_head, head_spec
 from longtail.classify.registry import Stage2Context, Stage2Method
 from longtail.classify.run import classify
+from longtail.cli import main
 from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
 from longtail.fit.bundle import DeployedClassifier, load_bundle, save_bundle
@@ -308,3 +309,33 @@ def test_a_head_without_a_kind_of_its_own_is_not_bundled():
         head_spec(Doubled(torch.eye(2), None))
     with pytest.raises(LongtailError, match="unknown head kind 'nope'"):
         build_head({"kind": "nope"}, 2, 2)
+
+
+def test_a_dataset_from_a_plugin_reaches_data_summary_and_train(tmp_path, capsys):
+    """A dataset registered by a plugin file is known to every command that loads data, by
+    ``--plugin`` or ``$LONGTAIL_PLUGINS``: ``longtail data summary`` counts its images and
+    ``longtail train`` trains on it (one tiny epoch)."""
+    plugin = tmp_path / "half_digits.py"
+    plugin.write_text(
+        "from longtail.data.datasets import load_digits_split, register_dataset\n"
+        "def half(split, **_):\n"
+        "    if split == 'val':\n"
+        "        return None\n"
+        "    ds = load_digits_split(split)\n"
+        "    return ds.subset(range(0, len(ds), 2))\n"
+        "register_dataset('half-digits', half)\n"
+    )
+    args = ["data", "summary", "--dataset", "half-digits", "--imbalance", "1"]
+    assert main([*args, "--plugin", str(plugin), "--out", str(tmp_path / "h.png")]) == 0
+    out = capsys.readouterr().out
+    from longtail.data.datasets import load_digits_split
+
+    n_half = len(range(0, len(load_digits_split("train")), 2))
+    n_test = len(range(0, len(load_digits_split("test")), 2))
+    assert "dataset half-digits: 10 classes" in out and f"test {n_test}\n" in out
+    run = tmp_path / "run"
+    tiny = ["optim.epochs=1", "swa.enabled=false", "precision=fp32", "data.dataset=half-digits"]
+    code = main(["train", "digits_lt", *tiny, "--out", str(run), "--plugin", str(plugin)])
+    assert code == 0 and (run / "model_final.pt").is_file()
+    counts = json.loads((run / "run.json").read_text())["data"]["train_counts"]
+    assert 0 < sum(counts) <= n_half

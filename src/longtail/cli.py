@@ -47,10 +47,12 @@ def _is_main_process() -> bool:
 
 
 def _load_plugins(a: argparse.Namespace) -> None:
-    """Import the ``--plugin`` modules (they register their stage-2 methods and heads)."""
-    if getattr(a, "plugin", None):
-        from longtail.classify.plugins import load_plugins
+    """Import ``$LONGTAIL_PLUGINS`` and the ``--plugin`` modules (they register stage-2 methods,
+    heads or datasets of the user's own), before any command looks a name up."""
+    from longtail.classify.plugins import load_env_plugins, load_plugins
 
+    load_env_plugins()
+    if getattr(a, "plugin", None):
         load_plugins(a.plugin)
 
 
@@ -289,21 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``longtail`` command."""
     p = _Parser(prog="longtail", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    # the commands that look up stage-2 methods or heads take plugins of the user's own
+    # the commands that look up datasets, stage-2 methods or heads take plugins of the user's own
     plugin = argparse.ArgumentParser(add_help=False)
     plugin.add_argument(
         "--plugin",
         action="append",
         default=[],
         metavar="MODULE",
-        help="module (or .py file) registering stage-2 methods of your own; repeatable; "
-        "also $LONGTAIL_PLUGINS (comma-separated)",
+        help="module (or .py file) registering datasets, stage-2 methods or heads of your own; "
+        "repeatable; also $LONGTAIL_PLUGINS (comma-separated)",
     )
 
     data = sub.add_parser("data", help="inspect datasets").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
     )
-    s = data.add_parser("summary", help="per-class counts, shot splits, histogram PNG")
+    s = data.add_parser(
+        "summary", help="per-class counts, shot splits, histogram PNG", parents=[plugin]
+    )
     s.add_argument("--dataset", required=True)
     s.add_argument("--imbalance", type=_imbalance, default=100.0)
     s.add_argument("--profile", default="exp", choices=["exp", "step"])
@@ -316,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="histogram PNG path")
     s.set_defaults(fn=cmd_data_summary)
 
-    t = sub.add_parser("train", help="stage 1: representation learning (+ SWA / SWAG)")
+    t = sub.add_parser(
+        "train", help="stage 1: representation learning (+ SWA / SWAG)", parents=[plugin]
+    )
     t.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/cifar10_lt.yaml")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=10")
     t.add_argument("--out", help="run directory")
