@@ -43,7 +43,8 @@ FIGURE_DIR = "report_figures"
 
 @dataclass
 class RunData:
-    """What the report reads from one run directory."""
+    """What the report reads from one run directory (``results`` may be given as a
+    ``results.json`` dict: it is read by the schema, :meth:`Results.from_json`)."""
 
     dir: Path
     results: Results
