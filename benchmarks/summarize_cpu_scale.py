@@ -5,60 +5,63 @@ python benchmarks/summarize_cpu_scale.py runs/cpu-scale
 
 from __future__ import annotations
 
-import json
 import statistics as st
 import sys
 from pathlib import Path
 
+from longtail.evaluate.results import MethodResult, load_results, mean_std
+from longtail.rundir import RunDir
+
 SEEDS = (0, 1, 2)
-ROWS = [  # (label, sweep, results file, method)
-    ("joint CE (SGD)", "ce", "results-final.json", "joint"),
-    ("joint logit-adjusted (SGD)", "la", "results.json", "joint"),
-    ("NCM (SGD features)", "ce", "results-final.json", "ncm"),
-    ("cRT (SGD features)", "ce", "results-final.json", "crt"),
-    ("τ-norm (SGD features)", "ce", "results-final.json", "tau"),
-    ("LWS (SGD features)", "ce", "results-final.json", "lws"),
-    ("joint CE (SWA)", "ce", "results.json", "joint"),
-    ("NCM (SWA features)", "ce", "results.json", "ncm"),
-    ("cRT (SWA features)", "ce", "results.json", "crt"),
-    ("τ-norm (SWA features)", "ce", "results.json", "tau"),
-    ("LWS (SWA features)", "ce", "results.json", "lws"),
-    ("SRepr CE only (SWA + SWAG)", "ce", "results.json", "srepr_ce"),
-    ("SRepr", "ce", "results.json", "srepr"),
-    ("SWAG-BMA", "ce", "results.json", "swag_bma"),
+ROWS = [  # (label, sweep, stage-2 backbone (RunDir.results_path), method)
+    ("joint CE (SGD)", "ce", "final", "joint"),
+    ("joint logit-adjusted (SGD)", "la", "auto", "joint"),
+    ("NCM (SGD features)", "ce", "final", "ncm"),
+    ("cRT (SGD features)", "ce", "final", "crt"),
+    ("τ-norm (SGD features)", "ce", "final", "tau"),
+    ("LWS (SGD features)", "ce", "final", "lws"),
+    ("joint CE (SWA)", "ce", "auto", "joint"),
+    ("NCM (SWA features)", "ce", "auto", "ncm"),
+    ("cRT (SWA features)", "ce", "auto", "crt"),
+    ("τ-norm (SWA features)", "ce", "auto", "tau"),
+    ("LWS (SWA features)", "ce", "auto", "lws"),
+    ("SRepr CE only (SWA + SWAG)", "ce", "auto", "srepr_ce"),
+    ("SRepr", "ce", "auto", "srepr"),
+    ("SWAG-BMA", "ce", "auto", "swag_bma"),
 ]
 
 
-def rare3(r: dict, counts: list[int]) -> float:
+def rare3(r: MethodResult, counts: list[int]) -> float:
     """Mean test accuracy of the three classes with the fewest training images."""
     order = sorted(range(len(counts)), key=lambda c: counts[c])[:3]
-    return st.mean(float(r["per_class"][c]) for c in order)
+    return st.mean(float(r.test.per_class[c]) for c in order)
 
 
 def cell(values: list[float], scale: float, digits: int) -> str:
-    v = [x * scale for x in values]
-    return f"{st.mean(v):.{digits}f} ± {st.stdev(v):.{digits}f}"
+    """'mean ± std' over seeds (:func:`mean_std`) of ``values`` times ``scale``."""
+    s = mean_std(x * scale for x in values)
+    return f"{s.mean:.{digits}f} ± {s.std or 0.0:.{digits}f}"
 
 
 def table(root: Path, imbalance: int) -> None:
     print(f"### IF {imbalance}\n")
     print("| method | accuracy % | 3 rarest classes % | NLL | ECE % |")
     print("|---|---|---|---|---|")
-    for label, sweep, name, method in ROWS:
+    for label, sweep, backbone, method in ROWS:
         rs = []
         for s in SEEDS:
-            p = root / f"if{imbalance}-{sweep}" / f"seed{s}" / name
-            if p.is_file():
-                res = json.loads(p.read_text())
-                rs.append((res["methods"][method], res["train_counts"]))
+            run = RunDir(root / f"if{imbalance}-{sweep}" / f"seed{s}")
+            if run.results_path(backbone).is_file():
+                res = load_results(run.path, backbone)
+                rs.append((res.methods[method], res.train_counts))
         if len(rs) < len(SEEDS):
             print(f"| {label} | not run yet ({len(rs)} of {len(SEEDS)} seeds) | | | |")
             continue
         print(
-            f"| {label} | {cell([r['accuracy'] for r, _ in rs], 100, 2)} | "
+            f"| {label} | {cell([r.test.accuracy for r, _ in rs], 100, 2)} | "
             f"{cell([rare3(r, c) for r, c in rs], 100, 2)} | "
-            f"{cell([r['nll'] for r, _ in rs], 1, 3)} | "
-            f"{cell([r['ece'] for r, _ in rs], 100, 2)} |"
+            f"{cell([r.test.nll for r, _ in rs], 1, 3)} | "
+            f"{cell([r.test.ece for r, _ in rs], 100, 2)} |"
         )
     print()
 

@@ -6,24 +6,24 @@ python benchmarks/summarize_fmnist.py runs/bench-fmnist [--seeds 0 1 2]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics as st
 from pathlib import Path
+
+from longtail.evaluate.results import Results, load_results, mean_std
+from longtail.rundir import RunDir
 
 SEEDS = (0, 1, 2)
 
 
 def ms(values: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
-    """'mean ± std' (sample std over seeds) of ``values`` times ``scale``; '-' when undefined."""
+    """'mean ± std' (sample std over seeds, :func:`mean_std`) of ``values`` times ``scale``;
+    '-' when undefined."""
     if any(x is None for x in values):
         return "-"
-    v = [float(x) * scale for x in values]
-    sd = st.stdev(v) if len(v) > 1 else 0.0
-    return f"{st.mean(v):.{digits}f} ± {sd:.{digits}f}"
-
-
-def load(path: Path) -> dict:
-    return json.loads(path.read_text())
+    s = mean_std(float(x) * scale for x in values)
+    if s is None:
+        return "-"
+    return f"{s.mean:.{digits}f} ± {s.std or 0.0:.{digits}f}"
 
 
 def rarest(per_class: list[float | None], counts: list[int], k: int = 3) -> float:
@@ -33,7 +33,7 @@ def rarest(per_class: list[float | None], counts: list[int], k: int = 3) -> floa
 
 
 def stage1_tables(root: Path) -> None:
-    runs = {p: [load(root / f"{p}-s{s}" / "stage1.json") for s in SEEDS] for p in ("bf16", "fp32")}
+    runs = {p: [RunDir(root / f"{p}-s{s}").stage1() for s in SEEDS] for p in ("bf16", "fp32")}
     print("### bf16 vs fp32 (final SGD model, test set)\n")
     print("| precision | seeds | accuracy % | NLL | ECE % |")
     print("|---|---|---|---|---|")
@@ -57,7 +57,7 @@ def stage1_tables(root: Path) -> None:
         f"mean {100 * st.mean(diff):+.2f} points\n"
     )
     print("### SWA vs the final SGD model of the same run (test set)\n")
-    counts = load(root / "bf16-s0" / "run.json")["data"]["train_counts"]
+    counts = RunDir(root / "bf16-s0").info()["data"]["train_counts"]
     print("| precision | model | accuracy % | 3 rarest classes % | NLL | ECE % |")
     print("|---|---|---|---|---|---|")
     for p, rs in runs.items():
@@ -77,38 +77,38 @@ def stage1_tables(root: Path) -> None:
 
 
 def stage2_tables(root: Path, prefix: str = "bf16") -> None:
-    res = [load(root / f"{prefix}-s{s}" / "results.json") for s in SEEDS]
-    names = list(res[0]["methods"])
-    print(f"### Stage 2 on the {prefix} runs ({res[0]['backbone']} backbone), test set\n")
+    res: list[Results] = [load_results(root / f"{prefix}-s{s}") for s in SEEDS]
+    names = list(res[0].methods)
+    print(f"### Stage 2 on the {prefix} runs ({res[0].backbone} backbone), test set\n")
     print(
         "| method | accuracy % | many % | medium % | 3 rarest % | NLL | ECE % | Brier | "
         "NLL (TS) | ECE % (TS) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in names:
-        rs = [r["methods"][n] for r in res]
+        rs = [r.methods[n] for r in res]
 
         def col(k, scale=100.0, digits=2, rs=rs):
-            return ms([x[k] for x in rs], scale, digits)
+            return ms([getattr(x.test, k) for x in rs], scale, digits)
 
-        rare = [rarest(x["per_class"], r["train_counts"]) for x, r in zip(rs, res, strict=True)]
+        rare = [rarest(x.test.per_class, r.train_counts) for x, r in zip(rs, res, strict=True)]
 
-        ts = [x["ts"] for x in rs]
+        ts = [x.ts for x in rs]
         print(
             f"| {n} | {col('accuracy')} | {col('many')} | {col('medium')} | {ms(rare)} | "
             f"{col('nll', 1, 3)} | {col('ece')} | {col('brier', 1, 3)} | "
-            f"{ms([t['nll'] for t in ts], 1, 3)} | {ms([t['ece'] for t in ts])} |"
+            f"{ms([t.nll for t in ts], 1, 3)} | {ms([t.ece for t in ts])} |"
         )
-    alphas = [r["methods"]["srepr"]["info"]["alpha"] for r in res if "srepr" in r["methods"]]
-    taus = [r["methods"]["tau"]["info"]["tau"] for r in res if "tau" in r["methods"]]
+    alphas = [r.methods["srepr"].info["alpha"] for r in res if "srepr" in r.methods]
+    taus = [r.methods["tau"].info["tau"] for r in res if "tau" in r.methods]
     print(f"\nchosen on validation: tau {taus}, srepr alpha {alphas}\n")
     print("### Stage-2 wall time (seconds) per seed\n")
     keys = ["extract_train", "ncm", "crt", "tau", "lws", "srepr"]
     print("| seed | " + " | ".join(keys) + " | (2M+2) x extract_train |")
     print("|---" * (len(keys) + 2) + "|")
     for s, r in zip(SEEDS, res, strict=True):
-        t = r["timings"]
-        m = r["methods"]["srepr"]["info"]["samples"] if "srepr" in r["methods"] else 0
+        t = r.timings
+        m = r.methods["srepr"].info["samples"] if "srepr" in r.methods else 0
         bound = (2 * m + 2) * t.get("extract_train", float("nan"))
         print(
             f"| {s} | "

@@ -11,7 +11,7 @@
     stage1.json             test (and val) metrics of those models        } stage1.json last
     features/               stage 2's cached features and SWAG feature banks
     results.json            stage 2's results (``results-<backbone>.json`` for an explicit
-                            ``stage2.backbone``)
+                            ``stage2.backbone``); schema: :mod:`longtail.evaluate.results`
 
 Every other module asks :class:`RunDir` for these paths, and for whether a run is
 :attr:`~RunDir.finished` or :attr:`~RunDir.resumable`, instead of spelling the names itself.
@@ -151,7 +151,8 @@ class RunDir:
         return self._read_json(self.stage1_path)
 
     def results(self, backbone: str = "auto") -> dict:
-        """Stage 2's results for ``backbone`` (see :meth:`results_path`).
+        """Stage 2's results for ``backbone`` (see :meth:`results_path`), as the JSON dict;
+        :func:`longtail.evaluate.results.load_results` reads them typed and version-checked.
 
         Raises:
             LongtailError: the file is missing, not readable JSON, or holds no method results.

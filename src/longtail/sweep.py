@@ -10,14 +10,14 @@ can be compared. The aggregate (mean ± std over seeds) is printed, written to
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import replace
 from pathlib import Path
 
 from longtail.classify import registry
 from longtail.classify.run import CONFIG_KEY, classify
 from longtail.config import load_config
-from longtail.evaluate.report import comparison_table, load_run, write_report
+from longtail.evaluate.report import write_report
+from longtail.evaluate.results import Results, load_results, mean_std, method_names
+from longtail.evaluate.tables import Table, comparison_table, render_text
 from longtail.io import atomic_write_json
 from longtail.rundir import RunDir
 from longtail.train import Stage1
@@ -43,36 +43,32 @@ def run_seed(
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """Fixed-width plain-text rendering of a header and rows of cells."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in [header, *rows]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    """Fixed-width plain-text rendering of a header and rows of cells
+    (:func:`longtail.evaluate.tables.render_text`)."""
+    return render_text(Table.plain(header, rows))
 
 
 def summarize(runs: list[Path], backbone: str = "auto") -> dict[str, dict]:
     """``{method: {metric: mean, metric_std: std, n: runs}}`` over the runs' results files for
-    ``backbone`` (``auto``: ``results.json``; see :meth:`RunDir.results_path`)."""
-    per: dict[str, dict[str, list[float]]] = {}
-    for r in runs:
-        res = RunDir(r).results(backbone)
-        for m, vals in res["methods"].items():
-            for k in SUMMARY_KEYS:
-                if vals.get(k) is not None:
-                    per.setdefault(m, {}).setdefault(k, []).append(float(vals[k]))
+    ``backbone`` (``auto``: ``results.json``; see :meth:`RunDir.results_path`); the std of a
+    single run is 0. ``n`` counts the runs with the method's first metric."""
+    results = [load_results(r, backbone) for r in runs]
     out: dict[str, dict] = {}
-    for m, d in per.items():
-        out[m] = {"n": len(next(iter(d.values())))}
-        for k, v in d.items():
-            out[m][k] = statistics.fmean(v)
-            out[m][f"{k}_std"] = statistics.stdev(v) if len(v) > 1 else 0.0
+    for m in method_names(results):
+        rows = [r.methods[m] for r in results if m in r.methods]
+        stats = {k: mean_std(x.metric(k) for x in rows) for k in SUMMARY_KEYS}
+        stats = {k: s for k, s in stats.items() if s is not None}
+        if not stats:
+            continue
+        out[m] = {"n": next(iter(stats.values())).n}
+        for k, s in stats.items():
+            out[m][k] = s.mean
+            out[m][f"{k}_std"] = s.std if s.std is not None else 0.0
     return out
+
+
+def _table(results: list[Results]) -> str:
+    return render_text(comparison_table(results, order=registry.available()))
 
 
 def sweep(
@@ -112,16 +108,13 @@ def sweep(
         "overrides": overrides,
         "swa_features": summarize(runs),
     }
-    loaded = [load_run(r) for r in runs]
-    log(f"\nstage 2 on {loaded[0].results['backbone']} features, {len(runs)} seed(s):")
-    header, rows, _ = comparison_table(loaded)
-    log(text_table(header, rows))
+    loaded = [load_results(r) for r in runs]
+    log(f"\nstage 2 on {loaded[0].backbone} features, {len(runs)} seed(s):")
+    log(_table(loaded))
     if all(RunDir(r).results_path("final").is_file() for r in runs):
         summary["sgd_features"] = summarize(runs, "final")
-        sgd_runs = [replace(r, results=RunDir(r.dir).results("final")) for r in loaded]
-        header, rows, _ = comparison_table(sgd_runs)
         log("\nstage 2 on the final SGD model's features:")
-        log(text_table(header, rows))
+        log(_table([load_results(r, "final") for r in runs]))
     atomic_write_json(out / "summary.json", summary)
     html, _ = write_report(runs, out)
     log(f"\nsummary: {out / 'summary.json'}\nreport: {html}")

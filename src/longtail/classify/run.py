@@ -24,7 +24,8 @@ from longtail.data.build import build_data, make_loaders
 from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
-from longtail.evaluate.tables import format_table
+from longtail.evaluate.results import Calibration, MethodResult, Metrics, Results
+from longtail.evaluate.tables import comparison_table, render_text
 from longtail.io import atomic_write_json, verified_load
 from longtail.models import build_model
 from longtail.progress import progress
@@ -79,6 +80,7 @@ class Stage2:
         # the heads fitted by the last run(), by method: their input (features (N, d), or the
         # SWAG banks (M, N, d), see Stage2Method.inputs) -> logits (N, C)
         self.heads: dict[str, torch.nn.Module] = {}
+        self.results: Results | None = None  # what the last run() wrote, typed
         self._swag: Callable[[], dict] | None = None  # the SWAG banks, loaded on first use
 
     def _load_model(self, weights: Path) -> torch.nn.Module:
@@ -222,45 +224,52 @@ class Stage2:
         from longtail.evaluate.metrics import reliability_bins
 
         d, s2 = self.cfg.data, self.cfg.stage2
-        results: dict[str, dict] = {}
+        results: dict[str, MethodResult] = {}
         for method in chosen:
             name, head = method.name, heads[method.name]
             lt = self._logits(method, head, "test", feats)
-            r = evaluate_logits(lt, feats["test"][1], self.counts, d.many_shot, d.few_shot)
+            test = evaluate_logits(lt, feats["test"][1], self.counts, d.many_shot, d.few_shot)
             # test reliability bins (15, as ECE) for the report's diagrams; NaN -> None
             rb = reliability_bins(torch.softmax(lt.double(), dim=1), feats["test"][1], 15)
-            r["reliability"] = {
+            reliability = {
                 k: [None if v != v else (int(v) if k == "count" else float(v)) for v in rb[k]]
                 for k in ("count", "accuracy", "confidence")
             }
+            val = ts = None
             if "val" in feats:
                 lv = self._logits(method, head, "val", feats)
-                r["val"] = evaluate_logits(
-                    lv, feats["val"][1], self.counts, d.many_shot, d.few_shot
-                )
+                val = evaluate_logits(lv, feats["val"][1], self.counts, d.many_shot, d.few_shot)
                 if s2.calibrate:
                     t = fit_temperature(lv, feats["val"][1])
-                    ts = evaluate_logits(
+                    scaled = evaluate_logits(
                         apply_temperature(lt, t),
                         feats["test"][1],
                         self.counts,
                         d.many_shot,
                         d.few_shot,
                     )
-                    r["ts"] = {"temperature": t, **{k: ts[k] for k in ("nll", "ece", "brier")}}
+                    ts = Calibration(
+                        temperature=t, nll=scaled["nll"], ece=scaled["ece"], brier=scaled["brier"]
+                    )
             norms = M.weight_norms(head)
-            r["weight_norm"] = None if norms is None else [float(x) for x in norms]
-            r["info"] = info.get(name, {})
-            r["seconds"] = self.timings.get(name, 0.0)
-            results[name] = r
-        out = {
-            "run_dir": str(self.dir),
-            "backbone": self.backbone,
-            "train_counts": self.counts.tolist(),
-            "classes": self.splits.train.classes,
-            "timings": self.timings,
-            "methods": results,
-        }
+            results[name] = MethodResult(
+                test=Metrics(**test),
+                reliability=reliability,
+                val=None if val is None else Metrics(**val),
+                ts=ts,
+                weight_norm=None if norms is None else [float(x) for x in norms],
+                info=info.get(name, {}),
+                seconds=self.timings.get(name, 0.0),
+            )
+        self.results = Results(
+            run_dir=str(self.dir),
+            backbone=self.backbone,
+            train_counts=self.counts.tolist(),
+            classes=self.splits.train.classes,
+            timings=self.timings,
+            methods=results,
+        )
+        out = self.results.to_json()
         if self.rt.is_main:
             atomic_write_json(self.rundir.results_path(s2.backbone), out)
         return out
@@ -300,8 +309,9 @@ def classify(
     return Stage2(run_dir, overrides, log).run(methods)
 
 
-def results_table(results: dict) -> str:
-    """The comparison table of a ``results.json`` dict."""
-    return format_table(
-        results["methods"], calibrated=any("ts" in r for r in results["methods"].values())
-    )
+def results_table(results: dict | Results) -> str:
+    """The console comparison table (compact headers) of one run's results, or of a
+    ``results.json`` dict."""
+    if not isinstance(results, Results):
+        results = Results.from_json(results)
+    return render_text(comparison_table([results], compact=True))

@@ -31,42 +31,30 @@ import yaml
 
 from longtail.classify import registry
 from longtail.errors import LongtailError
-from longtail.evaluate import plots
+from longtail.evaluate import plots, tables
+from longtail.evaluate.results import MethodResult, Results, load_results, mean_std, method_names
 from longtail.io import atomic_write_text
 from longtail.rundir import RunDir
 
-__all__ = ["COLUMNS", "TS_COLUMNS", "RunData", "comparison_table", "load_run", "write_report"]
+__all__ = ["RunData", "comparison_table", "load_run", "write_report"]
 
 FIGURE_DIR = "report_figures"
-
-# (key in results.json, header, higher is better, shown in percent)
-COLUMNS: tuple[tuple[str, str, bool, bool], ...] = (
-    ("accuracy", "acc", True, True),
-    ("many", "many", True, True),
-    ("medium", "medium", True, True),
-    ("few", "few", True, True),
-    ("nll", "NLL", False, False),
-    ("ece", "ECE", False, True),
-    ("brier", "Brier", False, False),
-)
-# Post-hoc temperature scaling (the ``ts`` entry), shown when any method has it.
-TS_COLUMNS: tuple[tuple[str, str, bool | None, bool], ...] = (
-    ("temperature", "T", None, False),
-    ("nll", "NLL (TS)", False, False),
-    ("ece", "ECE (TS)", False, True),
-    ("brier", "Brier (TS)", False, False),
-)
 
 
 @dataclass
 class RunData:
-    """What the report reads from one run directory."""
+    """What the report reads from one run directory (``results`` may be given as a
+    ``results.json`` dict: it is read by the schema, :meth:`Results.from_json`)."""
 
     dir: Path
-    results: dict
+    results: Results
     metrics: dict[str, list[float]] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.results, dict):  # a results.json dict: read by the schema
+            self.results = Results.from_json(self.results, self.dir)
 
     @property
     def label(self) -> str:
@@ -110,7 +98,7 @@ def load_run(run_dir: str | Path) -> RunData:
             f"{str(run_dir)!r} has no {run.RESULTS}: run `longtail classify {run_dir}` first "
             "(stage 2 writes the results the report is made of)"
         )
-    results = run.results()
+    results = load_results(run.path)
     info, config = {}, {}
     if run.info_path.is_file():
         try:
@@ -132,11 +120,7 @@ def load_run(run_dir: str | Path) -> RunData:
 def _method_names(runs: Sequence[RunData]) -> list[str]:
     """Every method of the runs: registered ones in registry order, then any others (e.g. of a
     plugin not loaded here) in order of appearance."""
-    names: list[str] = []
-    for r in runs:
-        names += [m for m in r.results["methods"] if m not in names]
-    order = {m: i for i, m in enumerate(registry.available())}
-    return sorted(names, key=lambda m: order.get(m, len(order)))
+    return method_names([r.results for r in runs], registry.available())
 
 
 def _colors(names: Sequence[str]) -> dict[str, str]:
@@ -145,44 +129,19 @@ def _colors(names: Sequence[str]) -> dict[str, str]:
     return {m: e.color for m, e in found.items() if e is not None and e.color}
 
 
-def _values(runs: Sequence[RunData], method: str, key: str, sub: str | None = None) -> list[float]:
-    """The non-missing values of ``methods[method][sub][key]`` over the runs."""
-    out = []
-    for r in runs:
-        m = r.results["methods"].get(method)
-        if m is None:
-            continue
-        src = m.get(sub) if sub else m
-        v = src.get(key) if isinstance(src, dict) else None
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            out.append(float(v))
-    return out
+_ECE = next(c for c in tables.COLUMNS if c.key == "ece")
 
 
-def _stat(values: list[float]) -> tuple[float, float | None] | None:
-    """(mean, sample std or None for a single value), or None without values."""
-    if not values:
-        return None
-    a = np.asarray(values)
-    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
-
-
-def _fmt(stat: tuple[float, float | None] | None, percent: bool, digits: int | None = None) -> str:
-    if stat is None:
-        return "–"
-    mean, std = stat
-    scale = 100.0 if percent else 1.0
-    d = digits if digits is not None else (2 if percent else 3)
-    text = f"{mean * scale:.{d}f}"
-    if std is not None:
-        text += f" ± {std * scale:.{d}f}"
-    return text
+def _rows(runs: Sequence[RunData], method: str) -> list[MethodResult]:
+    """``method``'s rows of the runs that have it."""
+    return [r.results.methods[method] for r in runs if method in r.results.methods]
 
 
 def comparison_table(
     runs: Sequence[RunData],
 ) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """The comparison table of every method over the runs.
+    """The comparison table of every method over the runs (:func:`tables.comparison_table`
+    in registry order).
 
     Returns:
         ``(header, rows, best)``: ``rows[i]`` is the method name then one formatted cell per
@@ -190,37 +149,8 @@ def comparison_table(
         says whether cell ``j`` of row ``i`` is the best of its column (ties at the printed
         precision all marked; nothing is marked in a column where every method ties).
     """
-    names = _method_names(runs)
-    has_ts = any("ts" in m for r in runs for m in r.results["methods"].values())
-    columns: list[tuple[str, str, bool | None, bool, str | None]] = [
-        (k, h, hi, pc, None) for k, h, hi, pc in COLUMNS
-    ]
-    if has_ts:
-        columns += [(k, h, hi, pc, "ts") for k, h, hi, pc in TS_COLUMNS]
-    header = ["method"] + [c[1] for c in columns]
-    rows, keys = [], []
-    n_runs = len(runs)
-    for name in names:
-        present = sum(name in r.results["methods"] for r in runs)
-        label = name if present == n_runs else f"{name} ({present}/{n_runs} runs)"
-        row, key_row = [label], [None]
-        for key, _, _, percent, sub in columns:
-            stat = _stat(_values(runs, name, key, sub))
-            cell = _fmt(stat, percent, 2 if key == "temperature" else None)
-            row.append(cell)
-            # compare on the printed mean so that printed ties tie
-            key_row.append(None if stat is None else float(cell.split(" ")[0]))
-        rows.append(row)
-        keys.append(key_row)
-    best = [[False] * len(header) for _ in rows]
-    for j, (_, _, higher, _, _) in enumerate(columns, start=1):
-        vals = [k[j] for k in keys if k[j] is not None]
-        if higher is None or len(vals) < 2 or min(vals) == max(vals):
-            continue  # no best without a comparison (a single value, or all tied)
-        target = max(vals) if higher else min(vals)
-        for i, k in enumerate(keys):
-            best[i][j] = k[j] is not None and k[j] == target
-    return header, rows, best
+    t = tables.comparison_table([r.results for r in runs], order=registry.available())
+    return t.header, t.rows, t.best
 
 
 def _mean_lists(lists: list[list[float | None]]) -> list[float]:
@@ -267,8 +197,8 @@ def _shot_thresholds(run: RunData) -> tuple[int, int]:
 
 def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
     first = runs[0]
-    counts = np.asarray(first.results["train_counts"])
-    classes = first.results.get("classes")
+    counts = np.asarray(first.results.train_counts)
+    classes = first.results.classes
     names = _method_names(runs)
     colors = _colors(names)
     many, few = _shot_thresholds(first)
@@ -292,8 +222,7 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
 
     per_class = {}
     for m in names:
-        lists = [r.results["methods"][m]["per_class"] for r in runs if m in r.results["methods"]]
-        lists = [x for x in lists if x]
+        lists = [x.test.per_class for x in _rows(runs, m) if x.test.per_class]
         if lists:
             per_class[m] = _mean_lists(lists)
     f = _Figure("per_class", "Per-class test accuracy against training count", "")
@@ -311,10 +240,7 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
     # Kang et al.'s weight-norm figure: the linear classifiers worth comparing (the registry's
     # plot_weight_norms)
     for m in [m for m in names if (e := registry.find(m)) is not None and e.plot_weight_norms]:
-        lists = [
-            r.results["methods"][m].get("weight_norm") for r in runs if m in r.results["methods"]
-        ]
-        lists = [x for x in lists if x]
+        lists = [x.weight_norm for x in _rows(runs, m) if x.weight_norm]
         if lists:
             norms[m] = _mean_lists(lists)
     f = _Figure("weight_norm", "Classifier weight norm per class (Kang et al.)", "")
@@ -331,14 +257,11 @@ def _figures(runs: Sequence[RunData], fig_dir: Path) -> list[_Figure]:
 
     bins, titles = {}, {}
     for m in names:
-        entries = [
-            r.results["methods"][m]["reliability"]
-            for r in runs
-            if m in r.results["methods"] and r.results["methods"][m].get("reliability")
-        ]
+        entries = [x.reliability for x in _rows(runs, m) if x.reliability]
         if entries:
             bins[m] = entries[0] if len(entries) == 1 else _pooled_bins(entries)
-            titles[m] = f"{m}: ECE {_fmt(_stat(_values(runs, m, 'ece')), True)}%"
+            ece = mean_std(x.metric("ece") for x in _rows(runs, m))
+            titles[m] = f"{m}: ECE {_ECE.cell(ece)}%"
     f = _Figure("reliability", "Reliability diagrams (test set, 15 bins)", "")
     if bins:
         f.path = plots.reliability_diagrams(bins, fig_dir / "reliability.png", titles)
@@ -384,9 +307,9 @@ def _choices(runs: Sequence[RunData]) -> list[str]:
         method = registry.find(name)
         if method is None or method.describe is None:
             continue
-        if name not in runs[0].results["methods"]:
+        if name not in runs[0].results.methods:
             continue
-        infos = [((r.results["methods"].get(name) or {}).get("info") or {}) for r in runs]
+        infos = [r.results.methods[name].info if name in r.results.methods else {} for r in runs]
         text = method.describe(infos)
         if text:
             out.append(f"{method.label}: {text}")
@@ -396,7 +319,7 @@ def _choices(runs: Sequence[RunData]) -> list[str]:
 def _summary(runs: Sequence[RunData]) -> list[tuple[str, str]]:
     first = runs[0]
     data = first.info.get("data") or {}
-    counts = first.results["train_counts"]
+    counts = first.results.train_counts
     many, few = _shot_thresholds(first)
     c = np.asarray(counts)
     items = [
@@ -407,7 +330,7 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, str]]:
             f"profile {data.get('profile', '?')})",
         ),
         ("model", str((first.config.get("model") or {}).get("name", "?"))),
-        ("stage-2 backbone", str(first.results.get("backbone", "?"))),
+        ("stage-2 backbone", first.results.backbone),
         (
             "classes",
             f"{len(counts)}: many-shot (> {many}) {int((c > many).sum())}, medium "
@@ -430,7 +353,7 @@ def _md_cell(text: str) -> str:
 
 
 def _markdown(
-    title: str, summary, header, rows, best, choices, figs: list[_Figure], md_dir: Path
+    title: str, summary, table: tables.Table, choices, figs: list[_Figure], md_dir: Path
 ) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {_md_cell(v)}" for k, v in summary]
@@ -440,16 +363,12 @@ def _markdown(
         "Bold: best of the column (higher accuracy, lower NLL / ECE / Brier)."
         + (
             " TS: after temperature scaling fitted on the validation split."
-            if "T" in header
+            if "T" in table.header
             else ""
         ),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+        *tables.render_markdown(table),
     ]
-    for row, b in zip(rows, best, strict=True):
-        cells = [f"**{_md_cell(c)}**" if bb else _md_cell(c) for c, bb in zip(row, b, strict=True)]
-        lines.append("| " + " | ".join(cells) + " |")
     if choices:
         lines += ["", "Chosen on the validation split:", ""] + [f"- {c}" for c in choices]
     for f in figs:
@@ -477,43 +396,26 @@ grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin
 """
 
 
-def _html_tables(header: list[str], rows: list[list[str]], best: list[list[bool]]) -> list[str]:
+def _html_tables(table: tables.Table) -> list[str]:
     """The comparison as HTML tables narrow enough for the page.
 
     With temperature scaling the columns are split in two tables that share the method
     column: raw (``id="comparison"``), then temperature-scaled (``id="comparison-ts"``).
     """
-    e = html.escape
+    header = table.header
     split = header.index("T") if "T" in header else len(header)
-    parts = [("comparison", "Raw", range(1, split))]
-    if split < len(header):
-        ts = "After temperature scaling (T fitted on the validation split)"
-        parts.append(("comparison-ts", ts, range(split, len(header))))
-    out = []
-    for table_id, caption, cols in parts:
-        cols = [0, *cols]
-        out.append(
-            f'<div class="scroll"><table id="{table_id}">'
-            + (f"<caption>{e(caption)}</caption>" if len(parts) > 1 else "")
-            + "<thead><tr>"
-            + "".join(f'<th scope="col">{e(header[j])}</th>' for j in cols)
-            + "</tr></thead><tbody>"
-        )
-        for row, b in zip(rows, best, strict=True):
-            cells = []
-            for j in cols:
-                if j == 0:
-                    cells.append(f'<th scope="row">{e(row[j])}</th>')
-                elif b[j]:
-                    cells.append(f'<td class="best"><b>{e(row[j])}</b></td>')
-                else:
-                    cells.append(f"<td>{e(row[j])}</td>")
-            out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</tbody></table></div>")
-    return out
+    if split == len(header):
+        return tables.render_html(table, table_id="comparison")
+    ts = "After temperature scaling (T fitted on the validation split)"
+    return [
+        *tables.render_html(table, table_id="comparison", caption="Raw", columns=range(1, split)),
+        *tables.render_html(
+            table, table_id="comparison-ts", caption=ts, columns=range(split, len(header))
+        ),
+    ]
 
 
-def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure]) -> str:
+def _html(title: str, summary, table: tables.Table, choices, figs: list[_Figure]) -> str:
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -527,12 +429,12 @@ def _html(title: str, summary, header, rows, best, choices, figs: list[_Figure])
         "form (0..2). <b>Bold</b>: best of the column (higher accuracy, lower NLL / ECE / Brier)."
         + (
             " TS: after temperature scaling fitted on the validation split."
-            if "T" in header
+            if "T" in table.header
             else ""
         )
         + "</p>",
     ]
-    out += _html_tables(header, rows, best)
+    out += _html_tables(table)
     if choices:
         out.append(
             '<p class="note">Chosen on the validation split:</p><ul>'
@@ -575,11 +477,11 @@ def write_report(
     if not run_dirs:
         raise LongtailError("report needs at least one RUN_DIR")
     runs = [load_run(d) for d in run_dirs]
-    n_classes = {len(r.results["train_counts"]) for r in runs}
+    n_classes = {len(r.results.train_counts) for r in runs}
     if len(n_classes) > 1:
         raise LongtailError(
             "the run directories have different numbers of classes "
-            f"({', '.join(str(len(r.results['train_counts'])) for r in runs)}): "
+            f"({', '.join(str(len(r.results.train_counts)) for r in runs)}): "
             "report runs of the same dataset together"
         )
     out = Path(out_dir) if out_dir is not None else runs[0].dir
@@ -592,7 +494,7 @@ def write_report(
         if data.get("dataset")
         else ""
     )
-    header, rows, best = comparison_table(runs)
+    table = tables.comparison_table([r.results for r in runs], order=registry.available())
     figs = _figures(runs, fig_dir)
     summary = _summary(runs)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -600,6 +502,6 @@ def write_report(
     choices = _choices(runs)
 
     md_path, html_path = out / "report.md", out / "report.html"
-    atomic_write_text(md_path, _markdown(title, summary, header, rows, best, choices, figs, out))
-    atomic_write_text(html_path, _html(title, summary, header, rows, best, choices, figs))
+    atomic_write_text(md_path, _markdown(title, summary, table, choices, figs, out))
+    atomic_write_text(html_path, _html(title, summary, table, choices, figs))
     return html_path, md_path

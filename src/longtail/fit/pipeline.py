@@ -197,7 +197,15 @@ def fit(
     results = s2.run()
     log(results_table(results))
     d = cfg.data
-    scores = score_methods(s2.heads, s2.features(), s2.counts, many=d.many_shot, few=d.few_shot)
+    # the temperatures stage 2 fitted on validation (fit forces stage2.calibrate), not refitted
+    scores = score_methods(
+        s2.heads,
+        s2.features(),
+        s2.counts,
+        many=d.many_shot,
+        few=d.few_shot,
+        results=s2.results,
+    )
     best = choose(scores)
     log(selection_table(scores, best.name))
 

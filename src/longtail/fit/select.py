@@ -1,8 +1,10 @@
 """Choosing the deployed stage-2 method on the validation split, each one calibrated first.
 
 For every deployable head (the registry's ``deployable``, :mod:`longtail.classify.registry`: all
-built-in stage-2 methods but ``swag_bma``, which needs M backbone passes) a temperature is fitted
-on the validation logits (:func:`longtail.evaluate.calibration.fit_temperature`); the method with
+built-in stage-2 methods but ``swag_bma``, which needs M backbone passes) the temperature that
+stage 2 fitted on the validation logits (``ts.temperature`` of its results,
+:mod:`longtail.evaluate.results`) is used, or, for heads without stage-2 results, one is fitted
+here the same way (:func:`longtail.evaluate.calibration.fit_temperature`); the method with
 the best validation **balanced accuracy** (the mean of per-class accuracies, so a long-tailed
 validation split counts every class equally) wins, ties broken by the lower validation NLL after
 temperature scaling. The test split is only reported.
@@ -21,6 +23,8 @@ from longtail.classify import registry
 from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
+from longtail.evaluate.results import Results
+from longtail.evaluate.tables import Table, render_text
 
 
 @dataclass
@@ -76,6 +80,7 @@ def score_methods(
     *,
     many: int = 100,
     few: int = 20,
+    results: Results | None = None,
 ) -> list[MethodScore]:
     """Calibrate every deployable head on validation and measure it on validation and test.
 
@@ -84,6 +89,12 @@ def score_methods(
             the registry calls ``deployable`` (heads on features ``(N, d)``) are scored.
         feats: ``{"val": (z (N_v, d), y (N_v,)), "test": (z, y)}`` of the deployed backbone.
         train_counts: ``(C,)`` training images per class (shot splits).
+        results: stage 2's results for these heads: each method's temperature is the one
+            stage 2 fitted (``ts``) instead of being fitted again; ``None``: fitted here.
+
+    Raises:
+        LongtailError: no validation split, no deployable head, or ``results`` without a
+            temperature for a head (stage 2 ran with ``stage2.calibrate=false``).
     """
     if "val" not in feats:
         raise LongtailError("choosing a method needs a validation split")
@@ -94,7 +105,7 @@ def score_methods(
         head.eval()
         zv, yv = feats["val"]
         lv = head(zv).float()
-        t = fit_temperature(lv, yv)
+        t = fit_temperature(lv, yv) if results is None else _stage2_temperature(results, name)
         val = _figures(lv, yv, t, train_counts, many, few)
         zt, yt = feats["test"]
         test = _figures(head(zt).float(), yt, t, train_counts, many, few)
@@ -104,30 +115,47 @@ def score_methods(
     return scores
 
 
+def _stage2_temperature(results: Results, name: str) -> float:
+    """The temperature stage 2 fitted on validation for ``name``."""
+    m = results.methods.get(name)
+    if m is None or m.ts is None:
+        raise LongtailError(
+            f"stage 2's results have no temperature for {name!r}: run stage 2 with "
+            "stage2.calibrate=true (and a validation split) before choosing a method"
+        )
+    return m.ts.temperature
+
+
 def choose(scores: list[MethodScore]) -> MethodScore:
     """Best validation balanced accuracy; ties (to 1e-9) go to the lower calibrated NLL."""
     return max(scores, key=lambda s: (round(s.val["balanced_accuracy"], 9), -s.val["nll_ts"]))
 
 
+_SELECTION_WIDTHS = (10, 6, 8, 8, 9, 9, 9, 9)
+
+
 def selection_table(scores: list[MethodScore], chosen: str) -> str:
     """A text table of every method's validation and test figures, the chosen one starred."""
-    head = (
-        f"{'method':<10} {'T':>6} {'val bal':>8} {'val NLL':>8} {'test acc':>9} "
-        f"{'test bal':>9} {'test NLL':>9} {'test ECE':>9}"
-    )
-    lines = [
-        "validation (choice) and test (report only); accuracies and ECE in %, NLL after "
-        "temperature scaling",
-        head,
-        "-" * len(head),
+    header = ["method", "T", "val bal", "val NLL", "test acc", "test bal", "test NLL", "test ECE"]
+    rows = [
+        [
+            s.name + ("*" if s.name == chosen else " "),
+            f"{s.temperature:.2f}",
+            f"{100 * s.val['balanced_accuracy']:.2f}",
+            f"{s.val['nll_ts']:.3f}",
+            f"{100 * s.test['accuracy']:.2f}",
+            f"{100 * s.test['balanced_accuracy']:.2f}",
+            f"{s.test['nll_ts']:.3f}",
+            f"{100 * s.test['ece_ts']:.2f}",
+        ]
+        for s in scores
     ]
-    for s in scores:
-        v, t = s.val, s.test
-        mark = "*" if s.name == chosen else " "
-        lines.append(
-            f"{s.name + mark:<10} {s.temperature:>6.2f} {100 * v['balanced_accuracy']:>8.2f} "
-            f"{v['nll_ts']:>8.3f} {100 * t['accuracy']:>9.2f} "
-            f"{100 * t['balanced_accuracy']:>9.2f} {t['nll_ts']:>9.3f} {100 * t['ece_ts']:>9.2f}"
-        )
-    lines.append(f"* chosen: {chosen} (best validation balanced accuracy, ties by NLL)")
-    return "\n".join(lines)
+    table = render_text(Table.plain(header, rows), sep=" ", min_widths=_SELECTION_WIDTHS)
+    return "\n".join(
+        [
+            "validation (choice) and test (report only); accuracies and ECE in %, NLL after "
+            "temperature scaling",
+            table,
+            f"* chosen: {chosen} (best validation balanced accuracy, ties by NLL)",
+        ]
+    )
