@@ -19,7 +19,7 @@ from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
 from longtail.io import verified_load
 
-ALL = ["joint", "ncm", "crt", "tau", "lws", "srepr", "srepr_ce", "swag_bma"]
+ALL = ["joint", "ncm", "crt", "tau", "lws", "logit_adjust", "srepr", "srepr_ce", "swag_bma"]
 METRICS = ["accuracy", "many", "medium", "few", "nll", "ece", "brier", "per_class"]
 MIN_ACC = 0.5  # chance is 0.1; the tiny run's methods reach ~0.68-0.79
 
@@ -145,7 +145,7 @@ def test_run_without_swag_skips_srepr_with_a_note(plain_run):
     logs: list[str] = []
     res = classify(plain_run.dir, ["all"], log=logs.append)
     assert res["backbone"] == "final"
-    assert list(res["methods"]) == ["joint", "ncm", "crt", "tau", "lws"]
+    assert list(res["methods"]) == ["joint", "ncm", "crt", "tau", "lws", "logit_adjust"]
     notes = [line for line in logs if "skipping srepr" in line]
     assert len(notes) == 1 and "SWAG" in notes[0]
     assert (plain_run.dir / "features" / "final.pt").is_file()

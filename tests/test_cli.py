@@ -14,7 +14,7 @@ from PIL import Image
 
 from longtail.cli import main
 
-METHOD_ROWS = ["joint", "ncm", "crt", "tau", "lws", "srepr", "srepr_ce", "swag_bma"]
+METHOD_ROWS = ["joint", "ncm", "crt", "tau", "lws", "logit_adjust", "srepr", "srepr_ce", "swag_bma"]
 TINY_CLI = [
     "device=cpu",
     "precision=fp32",

@@ -51,7 +51,15 @@ def test_demo_restarts_a_stopped_demo_then_reuses_a_finished_one(tmp_path, capsy
     assert not (out / "leftover.txt").exists()
     assert "stage 1: ResNet-32 on digits-LT" in text
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"])[:6] == ["joint", "ncm", "crt", "tau", "lws", "srepr"]
+    assert list(results["methods"])[:7] == [
+        "joint",
+        "ncm",
+        "crt",
+        "tau",
+        "lws",
+        "logit_adjust",
+        "srepr",
+    ]
     assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in text
     assert load_config(out / "config.yaml").optim.epochs == 2  # the overrides reached stage 1
 

@@ -329,3 +329,33 @@ def test_fit_choice_breaks_accuracy_ties_by_calibrated_nll():
     assert choose(scores[::-1]).name == "ncm"
     scores.append(_score("joint", 0.8 + 1e-6, nll_ts=0.9, nll_raw=0.9))  # really better
     assert choose(scores).name == "joint"
+
+
+def test_logit_adjustment_subtracts_tau_log_prior_and_picks_tau_on_validation():
+    """Post-hoc logit adjustment (Menon et al. 2021) on real numbers: the head's logits are the
+    joint classifier's minus tau * log(prior) exactly, and tau is the grid value with the best
+    validation accuracy (ties: lower NLL), recomputed here in float64 with numpy."""
+    g = torch.Generator().manual_seed(3)
+    c, d = 4, 6
+    w, b = torch.randn(c, d, generator=g), torch.randn(c, generator=g)
+    counts = torch.tensor([400, 100, 20, 5])
+    zv = torch.randn(80, d, generator=g)
+    yv = torch.arange(c).repeat(20)
+    zv += 0.8 * w[yv]  # separable enough that tau matters without deciding everything
+    grid = [0.0, 0.5, 1.0, 1.5, 2.0]
+    head, tau, sweep = M.logit_adjust(w, b, counts, zv, yv, grid)
+    log_prior = np.log(counts.numpy() / counts.numpy().sum())
+    base = zv.double().numpy() @ w.double().numpy().T + b.double().numpy()
+    rows = []
+    for t in grid:
+        lg = base - t * log_prior
+        p = np.exp(lg - lg.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        acc = float((lg.argmax(1) == yv.numpy()).mean())
+        rows.append((round(acc, 10), -float(-np.log(p[np.arange(len(yv)), yv.numpy()]).mean()), t))
+    assert tau == max(rows)[2]
+    assert [r["tau"] for r in sweep] == grid
+    assert all(abs(r["val_acc"] - a) < 1e-9 for r, (a, _, _) in zip(sweep, rows, strict=True))
+    expected = base - tau * log_prior
+    np.testing.assert_allclose(head(zv).detach().double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert head.weight.shape == (c, d) and torch.equal(head.weight.data, w)  # one linear layer

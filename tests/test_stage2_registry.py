@@ -229,11 +229,12 @@ def test_registry_order_requirements_and_bad_registrations(toy):
     its model average; a required method runs first. Guards: duplicates silently replacing a
     method, and names that ``--method`` could not take."""
     names = registry.resolve(["all"])
-    assert names[:8] == ["joint", "ncm", "crt", "tau", "lws", "srepr", "srepr_ce", "swag_bma"]
-    assert names[8:] == [NAME]
+    builtin = ["joint", "ncm", "crt", "tau", "lws", "logit_adjust", "srepr", "srepr_ce"]
+    assert names[:9] == [*builtin, "swag_bma"]
+    assert names[9:] == [NAME]
     assert registry.resolve(["swag_bma"]) == ["srepr", "srepr_ce", "swag_bma"]
     assert registry.resolve([NAME, "joint", NAME]) == [NAME, "joint"]
-    assert registry.without_swag(names) == ["joint", "ncm", "crt", "tau", "lws", NAME]
+    assert registry.without_swag(names) == [*builtin[:6], NAME]
     with pytest.raises(LongtailError, match="already registered"):
         registry.register(PRIOR_CORRECTED)
     with pytest.raises(LongtailError, match="'all'"):

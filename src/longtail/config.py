@@ -97,6 +97,10 @@ class Stage2Config:
     weight_decay: float = 5e-4
     lws_epochs: int = 5
     tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
+    # post-hoc logit adjustment's tau (Menon et al. 2021), chosen on validation
+    logit_adjust_grid: list[float] = field(
+        default_factory=lambda: [round(0.25 * i, 2) for i in range(13)]
+    )
     ncm_metric: str = "euclidean"  # euclidean | cosine
     srepr_samples: int = 8  # M SWAG samples
     srepr_scale: float = 0.5

@@ -52,6 +52,16 @@ def _tau(ctx: Stage2Context) -> nn.Module:
     return head
 
 
+def _logit_adjust(ctx: Stage2Context) -> nn.Module:
+    """Joint classifier minus tau * log prior, tau from ``stage2.logit_adjust_grid``."""
+    zv, yv = ctx.val()
+    counts = ctx.train_labels.bincount(minlength=ctx.num_classes)
+    grid = list(ctx.config.stage2.logit_adjust_grid)
+    head, tau, sweep = M.logit_adjust(ctx.joint_weight, ctx.joint_bias, counts, zv, yv, grid)
+    ctx.info.update(tau=tau, sweep=sweep)
+    return head
+
+
 def _lws(ctx: Stage2Context) -> nn.Module:
     s2 = ctx.config.stage2
     return M.lws(
@@ -128,6 +138,13 @@ def _describe_tau(infos: list[dict]) -> str | None:
     return "τ = " + ", ".join(f"{v:g}" for v in vals) + " (validation accuracy)"
 
 
+def _describe_logit_adjust(infos: list[dict]) -> str | None:
+    if "tau" not in infos[0]:
+        return None
+    vals = [i["tau"] for i in infos if i.get("tau") is not None]
+    return "logit adjustment τ = " + ", ".join(f"{v:g}" for v in vals) + " (validation accuracy)"
+
+
 def _describe_srepr(infos: list[dict]) -> str | None:
     first = infos[0]
     if "alpha" not in first:
@@ -155,6 +172,14 @@ BUILTIN: tuple[Stage2Method, ...] = (
         color="#C44E52",
     ),
     Stage2Method("lws", _lws, "LWS", uses_views=True, plot_weight_norms=True, color="#CCB974"),
+    Stage2Method(
+        "logit_adjust",
+        _logit_adjust,
+        "logit adjustment",
+        needs_val=True,
+        describe=_describe_logit_adjust,
+        color="#64B5CD",
+    ),
     Stage2Method(
         "srepr",
         _srepr,

@@ -74,8 +74,42 @@ def tau_norm(
         sweep.append(
             {"tau": float(tau), "val_acc": accuracy(logits, val_y), "val_nll": nll(logits, val_y)}
         )
-    best = max(sweep, key=lambda r: (round(r["val_acc"], 10), -r["val_nll"]))
+    best = _best_on_validation(sweep)
     return tau_normalize(weight, best["tau"]), best["tau"], sweep
+
+
+def _best_on_validation(sweep: list[dict]) -> dict:
+    """The row with the best validation accuracy, ties broken by the lower validation NLL."""
+    return max(sweep, key=lambda r: (round(r["val_acc"], 10), -r["val_nll"]))
+
+
+def logit_adjust(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    counts: torch.Tensor,
+    val_z: torch.Tensor,
+    val_y: torch.Tensor,
+    grid: list[float],
+) -> tuple[LinearHead, float, list[dict]]:
+    """Post-hoc logit adjustment (Menon et al. 2021): ``logits - tau * log(prior)``.
+
+    ``weight`` ``(C, d)`` and ``bias`` ``(C,)`` of the joint classifier, ``counts`` ``(C,)``
+    training images per class (the prior is ``counts / counts.sum()``; an empty class counts as
+    one image), ``val_z`` ``(N, d)``, ``val_y`` ``(N,)``. The adjustment is a bias shift, so the
+    head stays one linear layer. ``tau`` is chosen on the validation split like τ-norm's (best
+    accuracy, ties by NLL). Returns the head, ``tau`` and the sweep ``[{tau, val_acc, val_nll}]``.
+    """
+    prior = counts.double().clamp_min(1.0)
+    log_prior = (prior / prior.sum()).log().float()
+    b = bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+    sweep = []
+    for tau in grid:
+        logits = LinearHead(weight, b - float(tau) * log_prior)(val_z)
+        sweep.append(
+            {"tau": float(tau), "val_acc": accuracy(logits, val_y), "val_nll": nll(logits, val_y)}
+        )
+    best = _best_on_validation(sweep)
+    return LinearHead(weight, b - best["tau"] * log_prior), best["tau"], sweep
 
 
 def lws(
