@@ -105,7 +105,10 @@ def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
                 assert got[metric] == pytest.approx(np.mean(vals), rel=1e-12)
                 assert got[f"{metric}_std"] == pytest.approx(statistics.stdev(vals), rel=1e-9)
                 assert got["n"] == 2
-    assert load_config(out / "seed1" / "config.yaml").seed == 1
+    seed1 = load_config(out / "seed1" / "config.yaml")
+    assert seed1.seed == 1
+    assert seed1.data.subset_seed == 1  # the subset varies with the seed by default
+    assert load_config(out / "seed0" / "config.yaml").data.subset_seed == 0
     assert "stage 2 on the final SGD model's features" in text
     assert (out / "report.html").is_file()
     stamp = (out / "seed0" / "model_final.pt").stat().st_mtime_ns
@@ -340,3 +343,22 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_run(tmp_path):
     resumed = Stage1(load_config(run / "config.yaml"), run, resume=True)
     assert (resumed.epoch, resumed.global_step) == (state["epoch"], state["global_step"])
     assert resumed.epoch < 50
+
+
+def test_sweep_subset_switches():
+    """``--fixed-subset`` keeps one subset, ``--vary-subset`` (and no flag) leave it to the rule
+    in ``sweep``: vary unless an override sets ``data.subset_seed``."""
+    from longtail.cli import build_parser
+
+    base = ["sweep", "digits_lt", "--out", "x"]
+    assert build_parser().parse_args(base).vary_subset is None
+    assert build_parser().parse_args([*base, "--vary-subset"]).vary_subset is True
+    assert build_parser().parse_args([*base, "--fixed-subset"]).vary_subset is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--vary-subset", "--fixed-subset"])
+    from longtail.sweep import subset_varies
+
+    assert subset_varies(None, ["optim.epochs=2"]) is True
+    assert subset_varies(None, ["data.subset_seed=4"]) is False
+    assert subset_varies(True, ["data.subset_seed=4"]) is True
+    assert subset_varies(False, []) is False

@@ -358,10 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2])
     w.add_argument("--out", required=True, help="folder for seed<N>/ runs and the report")
     w.add_argument("--method", nargs="+", default=None, help="default: the config's stage2.methods")
-    w.add_argument(
+    subset = w.add_mutually_exclusive_group()
+    subset.add_argument(
         "--vary-subset",
+        dest="vary_subset",
         action="store_true",
-        help="also draw the long-tailed subset with each seed (data.subset_seed)",
+        default=None,
+        help="draw the long-tailed subset with each seed (data.subset_seed = seed); the default "
+        "unless an override sets data.subset_seed",
+    )
+    subset.add_argument(
+        "--fixed-subset",
+        dest="vary_subset",
+        action="store_false",
+        help="keep one long-tailed subset (data.subset_seed) for every seed",
     )
     w.set_defaults(fn=cmd_sweep)
 

@@ -42,6 +42,14 @@ def run_seed(
     return run
 
 
+def subset_varies(vary_subset: bool | None, overrides: list[str]) -> bool:
+    """Whether each seed draws its own long-tailed subset: ``vary_subset`` if given, else yes
+    unless an override fixes ``data.subset_seed``."""
+    if vary_subset is not None:
+        return vary_subset
+    return not any(o.split("=", 1)[0].strip() == "data.subset_seed" for o in overrides)
+
+
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     """Fixed-width plain-text rendering of a header and rows of cells
     (:func:`longtail.evaluate.tables.render_text`)."""
@@ -78,15 +86,19 @@ def sweep(
     *,
     overrides: list[str] | None = None,
     methods: tuple[str, ...] | None = None,
-    vary_subset: bool = False,
+    vary_subset: bool | None = None,
     log=print,
 ) -> dict:
     """Run the whole protocol for every seed and aggregate; returns the summary dict.
 
     ``methods``: stage-2 method names or ``all``; ``None``: each run's ``stage2.methods``.
+    ``vary_subset``: draw the long-tailed subset with each seed too (``data.subset_seed`` =
+    the seed), so the ± covers which images the tail got, not only the model's initialisation;
+    ``None`` (default): yes, unless ``overrides`` fix ``data.subset_seed``.
     """
     out = Path(out)
     overrides = list(overrides or [])
+    vary_subset = subset_varies(vary_subset, overrides)
     runs = []
     for seed in seeds:
         run = run_seed(recipe, seed, out, overrides=overrides, vary_subset=vary_subset, log=log)
