@@ -9,6 +9,7 @@ of ``all`` and of ``results.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -131,18 +132,16 @@ def _swag_bma(ctx: Stage2Context) -> nn.Module:
     return BMAHead(ctx.heads["srepr"])
 
 
-def _describe_tau(infos: list[dict]) -> str | None:
-    if "tau" not in infos[0]:
-        return None
-    vals = [i["tau"] for i in infos if i.get("tau") is not None]
-    return "τ = " + ", ".join(f"{v:g}" for v in vals) + " (validation accuracy)"
+def _describe_chosen_tau(prefix: str) -> Callable[[list[dict]], str | None]:
+    """The report's line for a method that chose ``tau`` by validation accuracy."""
 
+    def describe(infos: list[dict]) -> str | None:
+        if "tau" not in infos[0]:
+            return None
+        vals = [i["tau"] for i in infos if i.get("tau") is not None]
+        return f"{prefix}τ = " + ", ".join(f"{v:g}" for v in vals) + " (validation accuracy)"
 
-def _describe_logit_adjust(infos: list[dict]) -> str | None:
-    if "tau" not in infos[0]:
-        return None
-    vals = [i["tau"] for i in infos if i.get("tau") is not None]
-    return "logit adjustment τ = " + ", ".join(f"{v:g}" for v in vals) + " (validation accuracy)"
+    return describe
 
 
 def _describe_srepr(infos: list[dict]) -> str | None:
@@ -168,7 +167,7 @@ BUILTIN: tuple[Stage2Method, ...] = (
         "τ-norm",
         needs_val=True,
         plot_weight_norms=True,
-        describe=_describe_tau,
+        describe=_describe_chosen_tau(""),
         color="#C44E52",
     ),
     Stage2Method("lws", _lws, "LWS", uses_views=True, plot_weight_norms=True, color="#CCB974"),
@@ -177,7 +176,7 @@ BUILTIN: tuple[Stage2Method, ...] = (
         _logit_adjust,
         "logit adjustment",
         needs_val=True,
-        describe=_describe_logit_adjust,
+        describe=_describe_chosen_tau("logit adjustment "),
         color="#64B5CD",
     ),
     Stage2Method(
