@@ -49,3 +49,19 @@ def test_confidence_weighting_changes_srepr(run) -> None:
     ]["srepr"]
     assert plain["info"]["alpha"] == weighted["info"]["alpha"] == 0.5
     assert plain["weight_norm"] != weighted["weight_norm"]
+
+
+@pytest.mark.parametrize(
+    ("override", "name"), [("auto", "results.json"), ("final", "results-final.json")]
+)
+def test_classify_prints_the_results_file_it_wrote(run, override, name, capsys) -> None:
+    """``stage2.backbone=auto`` given explicitly still writes (and names) ``results.json``; a
+    named backbone writes ``results-<backbone>.json``. Guards the printed path naming another
+    file than the one written."""
+    from longtail.cli import main
+
+    target = run / name
+    target.unlink(missing_ok=True)
+    assert main(["classify", str(run), f"stage2.backbone={override}", "--method", "joint"]) == 0
+    out = capsys.readouterr().out
+    assert target.is_file() and f"results: {target}\n" in out

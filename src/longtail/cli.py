@@ -139,8 +139,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
     if not _is_main_process():
         return 0
     print(results_table(res))
-    explicit = any(o.startswith("stage2.backbone=") for o in a.overrides)
-    print(f"results: {RunDir(a.run_dir).results_path(res['backbone'] if explicit else 'auto')}")
+    run = RunDir(a.run_dir)  # the file classify wrote: named by the config it resolved
+    print(f"results: {run.results_path(run.config(a.overrides).stage2.backbone)}")
     return 0
 
 
