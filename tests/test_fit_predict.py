@@ -51,9 +51,22 @@ def test_fit_writes_bundle_report_and_user_dataset(fitted):
     assert meta["temperature"] > 0
     assert meta["preprocessing"]["size"] == 28 and meta["preprocessing"]["channels"] == 1
     assert meta["data"]["skipped_files"] == 2
-    # the chosen method has the best validation balanced accuracy
+    # the chosen method is within one bootstrap sd of the best validation balanced accuracy,
+    # and no simpler method is (SIMPLER_FIRST order)
+    from longtail.fit.select import SIMPLER_FIRST
+
+    gaps = {m: v["gap_to_best"] for m, v in meta["methods"].items()}
     best = max(v["val"]["balanced_accuracy"] for v in meta["methods"].values())
-    assert meta["methods"][meta["method"]]["val"]["balanced_accuracy"] == best
+    assert min(g["mean"] for g in gaps.values()) == 0.0
+    assert gaps[meta["method"]]["mean"] <= gaps[meta["method"]]["std"]
+    for simpler in SIMPLER_FIRST[: SIMPLER_FIRST.index(meta["method"])]:
+        assert gaps[simpler]["mean"] > gaps[simpler]["std"], simpler
+    chosen_val = meta["methods"][meta["method"]]["val"]["balanced_accuracy"]
+    assert best - chosen_val == pytest.approx(gaps[meta["method"]]["mean"], abs=0.05)
+    # the search tried the three mixup strengths at the given 4 epochs, then re-fitted
+    summary = json.loads((out / "fit.json").read_text())
+    assert [c["mixup_alpha"] for c in summary["candidates"]] == [0.0, 0.2, 1.0]
+    assert {c["epochs"] for c in summary["candidates"]} == {4} and summary["refit"]
     # the hook: the materialised splits are an ordinary dataset for stages 1 and 2
     splits = prepare_data("user", root=str(out / "data"))
     assert splits.train.images.shape[1:] == (1, 28, 28)
@@ -270,7 +283,8 @@ def test_plan_rules(tmp_path):
 def test_streamed_images_fit_and_predict_alike(tmp_path):
     """Images above 64 px stream from disk; predict decodes exactly like training's eval."""
     from longtail.data.streaming import build_transform, pil_to_rgb
-    from longtail.fit import fit, predict
+    from longtail.fit import predict
+    from longtail.fitting import fit
 
     ds = fashion_mnist("train")
     x, y = ds.images.numpy()[:, 0], ds.labels.numpy()
@@ -288,6 +302,7 @@ def test_streamed_images_fit_and_predict_alike(tmp_path):
                 "device=cpu",
                 "precision=fp32",
                 "optim.epochs=2",
+                "loss.mixup_alpha=0.2",
                 "stage2.srepr_samples=2",
                 "data.num_workers=0",
                 "stage2.srepr_alpha_grid=[0.5]",
@@ -316,6 +331,7 @@ CHEAP_FIT = [
     "device=cpu",
     "precision=fp32",
     "optim.epochs=1",
+    "loss.mixup_alpha=0",
     "stage2.srepr_samples=2",
     "stage2.srepr_alpha_grid=[0.5]",
 ]

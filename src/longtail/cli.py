@@ -202,7 +202,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
-    from longtail.fit import fit
+    from longtail.fitting import fit
 
     r = fit(
         a.root,
@@ -214,11 +214,15 @@ def cmd_fit(a: argparse.Namespace) -> int:
         weights=a.weights,
         overrides=a.overrides,
         strict=a.strict,
+        refit=a.refit,
+        **({} if a.budget is None else {"budget": a.budget}),
     )
     m = r.chosen.test
     print(
-        f"chosen: {r.chosen.name}; held-out test accuracy {100 * m['accuracy']:.2f}% "
-        f"(balanced {100 * m['balanced_accuracy']:.2f}%), NLL {m['nll_ts']:.3f} calibrated"
+        f"chosen: recipe {r.recipe.name}, method {r.chosen.name}; held-out test accuracy "
+        f"{100 * m['accuracy']:.2f}% (balanced {100 * m['balanced_accuracy']:.2f}%), NLL "
+        f"{m['nll_ts']:.3f} calibrated (selection run"
+        + ("; the bundle is re-fitted on every labelled image)" if r.refit else ")")
     )
     print(f"bundle: {r.bundle.dir}")
     return 0
@@ -387,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=int, default=None, help="network input side, px")
     f.add_argument("--weights", default=None, help="torchvision ResNet weights to fine-tune")
     f.add_argument("--strict", action="store_true", help="fail on unreadable files")
+    f.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="time for the whole fit, recipe search and re-fit included (default 15)",
+    )
+    f.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="bundle the selection run instead of re-training on every labelled image",
+    )
     f.set_defaults(fn=cmd_fit)
 
     q = sub.add_parser(

@@ -169,6 +169,7 @@ BUILTIN: tuple[Stage2Method, ...] = (
         plot_weight_norms=True,
         describe=_describe_chosen_tau(""),
         color="#C44E52",
+        pins=(("tau", "stage2.tau_grid"),),
     ),
     Stage2Method("lws", _lws, "LWS", uses_views=True, plot_weight_norms=True, color="#CCB974"),
     Stage2Method(
@@ -178,6 +179,7 @@ BUILTIN: tuple[Stage2Method, ...] = (
         needs_val=True,
         describe=_describe_chosen_tau("logit adjustment "),
         color="#64B5CD",
+        pins=(("tau", "stage2.logit_adjust_grid"),),
     ),
     Stage2Method(
         "srepr",
@@ -189,6 +191,7 @@ BUILTIN: tuple[Stage2Method, ...] = (
         plot_weight_norms=True,
         describe=_describe_srepr,
         color="#DD8452",
+        pins=(("alpha", "stage2.srepr_alpha_grid"),),
     ),
     Stage2Method("srepr_ce", _srepr_ce, "SRepr (CE only)", needs_swag=True, color="#937860"),
     Stage2Method(

@@ -129,6 +129,9 @@ class Stage2Method:
             first; ``{}`` for a run without the method), or ``None`` for no line; the report
             prefixes ``label: ``.
         color: its colour in the report's figures (a matplotlib colour), or ``None``.
+        pins: what it chooses on validation, as ``(info key, config key)`` pairs: setting the
+            config key (a grid) to ``[info[key]]`` makes it choose the same again without
+            validation deciding anything (``longtail fit``'s re-fit on every labelled image).
     """
 
     name: str
@@ -144,6 +147,7 @@ class Stage2Method:
     plot_weight_norms: bool = False
     describe: Callable[[list[dict]], str | None] | None = None
     color: str | None = None
+    pins: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         ok = self.name.replace("_", "").replace("-", "").isalnum() and self.name.isascii()

@@ -50,8 +50,11 @@ def _align_classes(*splits: ImageDataset | None) -> list[ImageDataset | None]:
 def _check_disjoint(
     dataset: str, train: ImageDataset, val: ImageDataset | None, test: ImageDataset
 ) -> None:
-    """Refuse file-backed splits that share an image with the test set (a test-set leak)."""
-    if test.paths is None:
+    """Refuse file-backed splits that share an image with the test set (a test-set leak).
+
+    A test split whose ``meta["in_training"]`` is true declares its images part of training on
+    purpose (``longtail fit``'s re-fit, :mod:`longtail.data.user`) and is let through."""
+    if test.paths is None or test.meta.get("in_training"):
         return
     test_paths = set(test.paths)
     for name, split in (("training", train), ("validation", val)):

@@ -13,7 +13,11 @@ Each file is a dict (loadable with ``torch.load(..., weights_only=True)``):
 - ``mean``, ``std``: per-channel statistics of the *training* split (all three splits are
   normalised alike);
 - ``images``: ``(N, C, H, W)`` uint8 pixels (small images, decoded once), or ``None``;
-- ``paths``: ``N`` absolute file paths (large images, decoded while training), or ``None``.
+- ``paths``: ``N`` absolute file paths (large images, decoded while training), or ``None``;
+- ``in_training`` (optional, default false): the split's images are also in the training split
+  on purpose (``longtail fit``'s re-fit trains on every labelled image); the data layer's
+  test-leak check lets it pass, and nothing measured on it is a hold-out estimate. Kept in the
+  loaded dataset's ``meta``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def save_user_split(ds: ImageDataset, root: str | os.PathLike, split: str) -> Pa
         "std": [float(s) for s in ds.std],
         "images": ds.images.contiguous() if ds.images is not None else None,
         "paths": [str(p) for p in ds.paths] if ds.paths is not None else None,
+        "in_training": bool(ds.meta.get("in_training", False)),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -96,6 +101,7 @@ def load_user_split(root: str | os.PathLike, split: str) -> ImageDataset | None:
         name=obj.get("name") or "user",
         mean=tuple(obj["mean"]),
         std=tuple(obj["std"]),
+        meta={"in_training": True} if obj.get("in_training") else {},
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +386,52 @@ def read_user_data(
         f"(> {many}) {sh['many']}, medium {sh['medium']}, few (< {few}) {sh['few']} classes"
     )
     return UserData(out, classes, plan, prep, splits, skipped, excluded, origins)
+
+
+def pooled_for_refit(data: UserData, root: str | os.PathLike) -> UserData:
+    """Every labelled image ``fit`` may train on, as the training split of a new ``user`` dataset.
+
+    The training split becomes train + validation + the internal test split (the hold-outs that
+    served to choose), in that order; a test split the user gave (``--test-dir``) stays out of
+    training. Validation and test keep their images so that stages 1 and 2 run unchanged, but
+    they are no longer hold-outs: nothing measured on them in the re-fit is an estimate.
+
+    Args:
+        data: the materialised data of the selection runs.
+        root: the folder the pooled dataset will be saved in (:func:`save_user_data`).
+    """
+    parts = [data.splits["train"], data.splits["val"]]
+    if not data.origins.get("test", "").startswith("given"):
+        parts.append(data.splits["test"])
+    in_memory = parts[0].images is not None
+    train = ImageDataset(
+        labels=torch.cat([d.labels for d in parts]),
+        classes=list(data.classes),
+        images=torch.cat([d.images for d in parts]) if in_memory else None,
+        paths=None if in_memory else [p for d in parts for p in (d.paths or [])],
+        name="user",
+        mean=data.preprocessing.mean,
+        std=data.preprocessing.std,
+    )
+    pooled = [w for w in ("train", "val", "test") if any(d is data.splits[w] for d in parts)]
+    origins = {
+        **data.origins,
+        "train": " + ".join(pooled) + " of the selection data (every labelled image)",
+    }
+    splits = {"train": train}
+    for w in ("val", "test"):  # the pooled hold-outs say so (the test-leak check lets them be)
+        d = data.splits[w]
+        splits[w] = replace(d, meta={**d.meta, "in_training": True}) if w in pooled else d
+    return UserData(
+        Path(root),
+        data.classes,
+        data.plan,
+        data.preprocessing,
+        splits,
+        data.skipped,
+        data.excluded,
+        origins,
+    )
 
 
 def save_user_data(data: UserData) -> None:

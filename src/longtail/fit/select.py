@@ -4,16 +4,22 @@ For every deployable head (the registry's ``deployable``, :mod:`longtail.classif
 built-in stage-2 methods but ``swag_bma``, which needs M backbone passes) the temperature that
 stage 2 fitted on the validation logits (``ts.temperature`` of its results,
 :mod:`longtail.evaluate.results`) is used, or, for heads without stage-2 results, one is fitted
-here the same way (:func:`longtail.evaluate.calibration.fit_temperature`); the method with
-the best validation **balanced accuracy** (the mean of per-class accuracies, so a long-tailed
-validation split counts every class equally) wins, ties broken by the lower validation NLL after
-temperature scaling. The test split is only reported.
+here the same way (:func:`longtail.evaluate.calibration.fit_temperature`); the method
+with the best validation **balanced accuracy** (the mean of per-class accuracies, so a
+long-tailed validation split counts every class equally) is the reference, and the **simplest**
+method whose gap to it is within one standard deviation of a stratified paired bootstrap over
+the validation images (:func:`longtail.fit.search.bootstrap_gaps`) is chosen: a validation
+split of a few images per rare class cannot tell apart methods closer than that, and the simpler
+one then carries less risk. Simplicity order (:data:`SIMPLER_FIRST`): the joint classifier, one
+post-hoc scalar (logit adjustment, then tau-normalisation), class means (NCM), re-trained
+per-class scales (LWS), a re-trained classifier (cRT, SRepr without distillation, SRepr), then
+any other method in registry order. The test split is only reported.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +31,9 @@ from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.results import Results
 from longtail.evaluate.tables import Table, render_text
+from longtail.fit.search import bootstrap_gaps
+
+SIMPLER_FIRST = ("joint", "logit_adjust", "tau", "ncm", "lws", "crt", "srepr_ce", "srepr")
 
 
 @dataclass
@@ -36,16 +45,27 @@ class MethodScore:
         val, test: ``balanced_accuracy``, ``accuracy``, ``nll`` (raw), ``nll_ts``, ``ece_ts``,
             ``brier_ts`` (after dividing the logits by ``T``); test adds ``many`` / ``medium``
             / ``few``. Fractions, NLL in nats.
+        val_pred: ``(N_v,)`` predicted labels on validation (for the bootstrap; not saved).
+        gap: (mean, std) of the best method's validation balanced accuracy minus this one's
+            over the bootstrap (fractions), set by :func:`choose`.
     """
 
     name: str
     temperature: float
     val: dict
     test: dict
+    val_pred: np.ndarray | None = field(default=None, repr=False)
+    gap: tuple[float, float] = (0.0, 0.0)
 
     def to_json(self) -> dict:
-        """A JSON-ready dict of all fields."""
-        return asdict(self)
+        """A JSON-ready dict (without ``val_pred``)."""
+        return {
+            "name": self.name,
+            "temperature": self.temperature,
+            "val": self.val,
+            "test": self.test,
+            "gap_to_best": {"mean": self.gap[0], "std": self.gap[1]},
+        }
 
 
 def balanced_accuracy(per_class: list[float | None]) -> float:
@@ -109,7 +129,7 @@ def score_methods(
         val = _figures(lv, yv, t, train_counts, many, few)
         zt, yt = feats["test"]
         test = _figures(head(zt).float(), yt, t, train_counts, many, few)
-        scores.append(MethodScore(name, t, val, test))
+        scores.append(MethodScore(name, t, val, test, lv.argmax(1).numpy()))
     if not scores:
         raise LongtailError("no deployable stage-2 method was fitted")
     return scores
@@ -126,22 +146,60 @@ def _stage2_temperature(results: Results, name: str) -> float:
     return m.ts.temperature
 
 
-def choose(scores: list[MethodScore]) -> MethodScore:
-    """Best validation balanced accuracy; ties (to 1e-9) go to the lower calibrated NLL."""
-    return max(scores, key=lambda s: (round(s.val["balanced_accuracy"], 9), -s.val["nll_ts"]))
+def _simplicity(name: str) -> int:
+    order = list(SIMPLER_FIRST) + [m for m in registry.available() if m not in SIMPLER_FIRST]
+    return order.index(name) if name in order else len(order)
 
 
-_SELECTION_WIDTHS = (10, 6, 8, 8, 9, 9, 9, 9)
+def choose(
+    scores: list[MethodScore], labels: torch.Tensor | None = None, *, seed: int = 0
+) -> MethodScore:
+    """The simplest method within one bootstrap standard deviation of the best (module doc).
+
+    Args:
+        scores: from :func:`score_methods` (with ``val_pred``).
+        labels: ``(N_v,)`` validation labels; ``None``: no bootstrap, the best validation
+            balanced accuracy wins (ties, to 1e-9, by the lower calibrated NLL).
+        seed: the bootstrap's seed.
+
+    Each score's ``gap`` is filled in.
+    """
+    best = max(scores, key=lambda s: (round(s.val["balanced_accuracy"], 9), -s.val["nll_ts"]))
+    if labels is None or any(s.val_pred is None for s in scores):
+        return best
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    k = int(max(y.max(), *(s.val_pred.max() for s in scores))) + 1
+    gaps = bootstrap_gaps({s.name: s.val_pred for s in scores}, y, k, seed=seed)
+    ref = gaps[best.name]
+    for s in scores:
+        # gaps are against the bootstrap's best, which is ``best`` up to NLL ties
+        s.gap = (gaps[s.name][0] - ref[0], gaps[s.name][1])
+    close = [s for s in scores if s.gap[0] <= s.gap[1]]
+    return min(close, key=lambda s: (_simplicity(s.name), s.gap[0]))
+
+
+_SELECTION_WIDTHS = (10, 6, 8, 12, 8, 9, 9, 9, 9)
 
 
 def selection_table(scores: list[MethodScore], chosen: str) -> str:
     """A text table of every method's validation and test figures, the chosen one starred."""
-    header = ["method", "T", "val bal", "val NLL", "test acc", "test bal", "test NLL", "test ECE"]
+    header = [
+        "method",
+        "T",
+        "val bal",
+        "gap ± sd",
+        "val NLL",
+        "test acc",
+        "test bal",
+        "test NLL",
+        "test ECE",
+    ]
     rows = [
         [
             s.name + ("*" if s.name == chosen else " "),
             f"{s.temperature:.2f}",
             f"{100 * s.val['balanced_accuracy']:.2f}",
+            f"{100 * s.gap[0]:.2f} ± {100 * s.gap[1]:.2f}",
             f"{s.val['nll_ts']:.3f}",
             f"{100 * s.test['accuracy']:.2f}",
             f"{100 * s.test['balanced_accuracy']:.2f}",
@@ -156,6 +214,7 @@ def selection_table(scores: list[MethodScore], chosen: str) -> str:
             "validation (choice) and test (report only); accuracies and ECE in %, NLL after "
             "temperature scaling",
             table,
-            f"* chosen: {chosen} (best validation balanced accuracy, ties by NLL)",
+            f"* chosen: {chosen} (the simplest method within one bootstrap standard deviation "
+            "of the best validation balanced accuracy; gap = best - method)",
         ]
     )

@@ -1,0 +1,188 @@
+"""`longtail fit` + `longtail predict` on a small long-tailed folder of PNG photos.
+
+    python benchmarks/fit_folder.py --work /tmp/if50 --imbalance 50 --n-max 1000 --seeds 0 1 2
+    python benchmarks/fit_folder.py --work /tmp/if100 --imbalance 100 --n-max 500 --seeds 0 1 2
+
+Builds, per seed, what a practitioner brings to ``fit``: a folder ``train/<class>/<i>.png`` of
+Fashion-MNIST training images with a long-tailed profile (``n_c = floor(n_max * IF^(-c/9))``,
+class 0 the largest; ``--n-max 1000 --imbalance 50`` gives 2,795 images, 20 in the rarest class;
+the subset drawn with the seed), and a balanced test folder of ``--test-per-class`` images per
+class from the Fashion-MNIST *test* set (the same for every seed). It then runs, as a user would,
+``longtail fit train --out FIT seed=SEED [--fit-arg ...]`` and ``longtail predict FIT test
+--format csv``, and scores the CSV: balanced accuracy (mean of per-class accuracies), per-class
+accuracy, top-1 ECE (15 equal-width bins of the predicted probability) and the wall time of each
+command. One JSON per seed in ``--work`` and a summary (mean +- std over seeds) on stdout.
+
+The ``longtail`` that runs is the one Python imports (``PYTHONPATH=OTHER_CHECKOUT/src`` measures
+another revision with this script). Needs the Debian package ``dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from longtail.data.datasets import load_fashion_mnist
+from longtail.data.longtail import longtail_counts
+
+CLASSES = [
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+]
+
+
+def _write_pngs(images: np.ndarray, labels: np.ndarray, root: Path) -> None:
+    """``images`` ``(N, 28, 28)`` uint8, ``labels`` ``(N,)`` -> ``root/<class>/<i>.png``."""
+    tmp = root.with_name(root.name + ".tmp")
+    for i, (x, y) in enumerate(zip(images, labels, strict=True)):
+        d = tmp / CLASSES[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x).save(d / f"{i:05d}.png")
+    tmp.rename(root)
+
+
+def build_folders(work: Path, *, n_max: int, imbalance: float, seed: int, test_per_class: int):
+    """The long-tailed train folder for ``seed`` and the shared balanced test folder."""
+    train_dir = work / f"train-seed{seed}"
+    test_dir = work / "test"
+    if not test_dir.exists():
+        te = load_fashion_mnist(None, "test")
+        x, y = te.images.squeeze(1).numpy(), np.asarray(te.labels)
+        idx = np.concatenate([np.flatnonzero(y == c)[:test_per_class] for c in range(len(CLASSES))])
+        _write_pngs(x[idx], y[idx], test_dir)
+    if not train_dir.exists():
+        tr = load_fashion_mnist(None, "train")
+        x, y = tr.images.squeeze(1).numpy(), np.asarray(tr.labels)
+        counts = longtail_counts(n_max, len(CLASSES), imbalance)
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate(
+            [rng.permutation(np.flatnonzero(y == c))[:n] for c, n in enumerate(counts)]
+        )
+        _write_pngs(x[idx], y[idx], train_dir)
+    return train_dir, test_dir
+
+
+def top1_ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top-1 probability ``conf`` ``(N,)``, a fraction."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def score_csv(text: str) -> dict:
+    """Balanced accuracy, per-class accuracy and ECE of ``longtail predict --format csv``."""
+    rows = list(csv.DictReader(text.splitlines()))
+    truth = np.array([CLASSES.index(Path(r["path"]).parent.name) for r in rows])
+    pred = np.array([CLASSES.index(r["label"]) for r in rows])
+    conf = np.array([float(r["probability"]) for r in rows])
+    per_class = [float((pred[truth == c] == c).mean()) for c in range(len(CLASSES))]
+    return {
+        "balanced_accuracy": float(np.mean(per_class)),
+        "per_class": per_class,
+        "ece": top1_ece(conf, pred == truth),
+        "n_test": len(rows),
+    }
+
+
+def run_seed(a: argparse.Namespace, seed: int) -> dict:
+    """Build the folders, fit, predict and score one seed."""
+    train_dir, test_dir = build_folders(
+        a.work, n_max=a.n_max, imbalance=a.imbalance, seed=seed, test_per_class=a.test_per_class
+    )
+    out = a.work / f"fit-{a.tag}-seed{seed}"
+    if out.exists():
+        raise SystemExit(f"{out} exists: remove it or pick another --tag")
+    lt = [sys.executable, "-m", "longtail"]
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*lt, "fit", str(train_dir), "--out", str(out), f"seed={seed}", *a.fit_arg], check=True
+    )
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [*lt, "predict", str(out), str(test_dir), "--format", "csv"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = {
+        "seed": seed,
+        "tag": a.tag,
+        "fit_args": a.fit_arg,
+        "n_max": a.n_max,
+        "imbalance": a.imbalance,
+        "fit_seconds": fit_s,
+        "predict_seconds": time.perf_counter() - t0,
+        **score_csv(p.stdout),
+    }
+    fit_json = out / "fit.json"
+    if fit_json.exists():
+        result["chosen"] = json.loads(fit_json.read_text()).get("chosen")
+    (a.work / f"result-{a.tag}-seed{seed}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    """Parse the arguments, run every seed and print the summary."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="folder for images, fits, results")
+    p.add_argument("--n-max", type=int, default=1000)
+    p.add_argument("--imbalance", type=float, default=50.0)
+    p.add_argument("--test-per-class", type=int, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tag", default="default", help="names this configuration's outputs")
+    p.add_argument("--fit-arg", action="append", default=[], help="extra `longtail fit` argument")
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+        platform.processor(),
+    )
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu}, {os.cpu_count()} cores, tag {a.tag}")
+    results = [run_seed(a, s) for s in a.seeds]
+    for r in results:
+        pc = " ".join(f"{100 * v:.0f}" for v in r["per_class"])
+        print(
+            f"seed {r['seed']}: balanced acc {100 * r['balanced_accuracy']:.2f} %, ECE "
+            f"{100 * r['ece']:.2f} %, fit {r['fit_seconds']:.0f} s, predict "
+            f"{r['predict_seconds']:.0f} s, chosen {r.get('chosen')}; per class {pc}"
+        )
+
+    def ms(key: str, scale: float = 100.0) -> str:
+        v = [scale * r[key] for r in results]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return f"{statistics.mean(v):.2f} +- {sd:.2f}"
+
+    print(
+        f"mean over {len(results)} seed(s): balanced acc {ms('balanced_accuracy')} %, ECE "
+        f"{ms('ece')} %, fit {ms('fit_seconds', 1.0)} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

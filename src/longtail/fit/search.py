@@ -1,0 +1,206 @@
+"""Which stage-1 recipes ``longtail fit`` tries, and how it chooses among them by measurement.
+
+The recipe knobs a small long-tailed folder is most sensitive to are searched, each only when
+the user did not set it: the mixup strength (``loss.mixup_alpha`` in :data:`MIXUP_GRID`) and
+the schedule length (``optim.epochs``). Everything else follows :func:`longtail.fit.plan.recipe`.
+
+Successive halving within a time budget (:class:`SearchPlan`):
+
+1. **rung 1**: every mixup strength trains the short schedule, ``E1 = clamp(ceil(40,000 / N),
+   20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2;
+2. the :data:`SURVIVORS` best by validation score go on to **rung 2**, the long schedule
+   ``E2``, sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
+   stage 2) so that rung 2 and the final re-fit on every labelled image fit in what is left of
+   the budget; at most ``4 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
+3. the candidate with the best validation score wins (:func:`choose_candidate`).
+
+A candidate's validation score is the balanced accuracy (mean of per-class accuracies) of its
+chosen stage-2 method on the validation split. How much of a difference the validation split
+can resolve is measured by a stratified paired bootstrap over its images
+(:func:`bootstrap_gaps`): each candidate's (or method's) gap to the best, mean and standard
+deviation over :data:`BOOTSTRAP` resamples. Methods use the spread to prefer the simpler one
+(:func:`longtail.fit.select.choose`); the recipe table reports it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MIXUP_GRID = (0.0, 0.2, 1.0)
+SURVIVORS = 2
+BOOTSTRAP = 1000
+SHORT_IMAGES = 40_000  # rung 1 sees about this many images
+SHORT_MIN, SHORT_MAX = 20, 100  # rung 1's epochs at least / at most
+LONG_FACTOR = 4  # rung 2 trains at most this many times rung 1's epochs
+MIN_GAIN_FACTOR = 1.5  # no rung 2 unless it can train this many times rung 1's epochs
+
+
+def short_epochs(n_train: int) -> int:
+    """Rung 1's epochs for ``n_train`` training images: ``clamp(ceil(40,000 / N), 20, 100)``."""
+    return int(min(max(math.ceil(SHORT_IMAGES / max(n_train, 1)), SHORT_MIN), SHORT_MAX))
+
+
+def long_epochs(
+    *,
+    short: int,
+    seconds_per_epoch: float,
+    stage2_seconds: float,
+    seconds_left: float,
+    survivors: int,
+    refit_ratio: float,
+) -> int | None:
+    """Rung 2's epochs: the most that fit in ``seconds_left``, or ``None`` (no rung 2).
+
+    Args:
+        short: rung 1's epochs ``E1``.
+        seconds_per_epoch: measured stage-1 seconds per epoch on the search's training split.
+        stage2_seconds: measured seconds of one stage 2 (features, every method).
+        seconds_left: budget left for rung 2 and the final re-fit.
+        survivors: candidates in rung 2.
+        refit_ratio: (images of the re-fit) / (images of the search's training split), or 0
+            without a re-fit.
+
+    Returns:
+        ``E2 = floor((seconds_left - (survivors + 1) stage2_seconds) / (seconds_per_epoch
+        (survivors + refit_ratio)))`` capped at ``4 E1``; ``None`` when ``E2 < 1.5 E1``.
+    """
+    runs = survivors + refit_ratio
+    room = seconds_left - (survivors + (1 if refit_ratio else 0)) * stage2_seconds
+    if runs <= 0 or seconds_per_epoch <= 0 or room <= 0:
+        return None
+    e2 = min(int(room / (seconds_per_epoch * runs)), LONG_FACTOR * short)
+    return e2 if e2 >= MIN_GAIN_FACTOR * short else None
+
+
+def balanced_accuracy_of(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Mean over the classes present in ``labels`` ``(N,)`` of the accuracy of ``pred`` ``(N,)``."""
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    accs = [float((pred[labels == c] == c).mean()) for c in present]
+    return float(np.mean(accs)) if accs else float("nan")
+
+
+def bootstrap_gaps(
+    preds: dict[str, np.ndarray],
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    n: int = BOOTSTRAP,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Each entry's balanced-accuracy gap to the best one, over a stratified paired bootstrap.
+
+    Every resample draws, within each class, as many validation images as the class has (with
+    replacement), and scores every entry on the same images.
+
+    Args:
+        preds: name -> predicted labels ``(N,)`` on the validation images.
+        labels: ``(N,)`` true labels.
+        num_classes: ``C``.
+
+    Returns:
+        name -> (mean, standard deviation) of ``best - entry`` in balanced accuracy (fractions),
+        ``best`` the entry with the highest balanced accuracy on the full validation split;
+        ``(0, 0)`` for the best itself.
+    """
+    names = list(preds)
+    full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
+    best = max(names, key=lambda k: full[k])
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    members = [m for m in members if len(m)]
+    gaps = {k: np.empty(n) for k in names}
+    for i in range(n):
+        idx = np.concatenate([rng.choice(m, size=len(m)) for m in members])
+        y = labels[idx]
+        b = balanced_accuracy_of(preds[best][idx], y, num_classes)
+        for k in names:
+            gaps[k][i] = b - balanced_accuracy_of(preds[k][idx], y, num_classes)
+    return {k: (float(gaps[k].mean()), float(gaps[k].std())) for k in names}
+
+
+@dataclass
+class Candidate:
+    """One stage-1 recipe tried by the search, and what it measured.
+
+    Attributes:
+        name: ``mixup<alpha>-e<epochs>``; ``mixup_alpha``, ``epochs``: the searched knobs.
+        rung: 1 or 2; ``run_dir``: its run directory.
+        method: its chosen stage-2 method; ``val``: that method's validation figures
+            (``balanced_accuracy``, ``nll_ts``, ...; fractions, NLL in nats);
+            ``test``: the same on the internal test split (reported, never used to choose).
+        seconds: wall time of its stage 1 + stage 2; ``stage1_seconds``: of stage 1 alone.
+        gap: (mean, std) of the best candidate's validation balanced accuracy minus this one's
+            over the bootstrap (fractions).
+    """
+
+    name: str
+    mixup_alpha: float
+    epochs: int
+    rung: int
+    run_dir: str = ""
+    method: str = ""
+    val: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    stage1_seconds: float = 0.0
+    gap: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def score(self) -> float:
+        """Validation balanced accuracy of the chosen method (a fraction)."""
+        return float(self.val.get("balanced_accuracy", float("nan")))
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "name": self.name,
+            "mixup_alpha": self.mixup_alpha,
+            "epochs": self.epochs,
+            "rung": self.rung,
+            "run_dir": self.run_dir,
+            "method": self.method,
+            "val": self.val,
+            "test": self.test,
+            "seconds": self.seconds,
+            "stage1_seconds": self.stage1_seconds,
+            "gap_to_best": {"mean": self.gap[0], "std": self.gap[1]},
+        }
+
+
+def candidate_name(mixup_alpha: float, epochs: int) -> str:
+    """``mixup<alpha>-e<epochs>``, e.g. ``mixup0.2-e24``."""
+    return f"mixup{mixup_alpha:g}-e{epochs}"
+
+
+def survivors(candidates: list[Candidate], k: int = SURVIVORS) -> list[Candidate]:
+    """The ``k`` best by validation score (ties: lower calibrated validation NLL)."""
+    order = sorted(candidates, key=lambda c: (-round(c.score, 9), c.val.get("nll_ts", 0.0)))
+    return order[:k]
+
+
+def choose_candidate(candidates: list[Candidate]) -> Candidate:
+    """The best validation score; ties (to 1e-9) go to fewer epochs, then lower NLL."""
+    return min(candidates, key=lambda c: (-round(c.score, 9), c.epochs, c.val.get("nll_ts", 0.0)))
+
+
+def search_table(candidates: list[Candidate], chosen: str) -> str:
+    """One line per candidate: rung, epochs, mixup, method, validation and test figures."""
+    lines = [
+        "recipe search: validation (choice) and internal test (report only); % and nats; gap: "
+        "best - this over the validation bootstrap",
+        f"{'candidate':<18} rung  {'method':<13} val bal   gap (± sd)   val NLL  test bal  seconds",
+    ]
+    for c in candidates:
+        star = "*" if c.name == chosen else " "
+        tb = c.test.get("balanced_accuracy", float("nan"))
+        nll = c.val.get("nll_ts", float("nan"))
+        lines.append(
+            f"{c.name + star:<18} {c.rung:>4}  {c.method:<13} {100 * c.score:7.2f}  "
+            f"{100 * c.gap[0]:5.2f} ± {100 * c.gap[1]:4.2f}  {nll:7.3f}"
+            f"  {100 * tb:8.2f}  {c.seconds:7.0f}"
+        )
+    lines.append(f"* chosen: {chosen} (best validation balanced accuracy)")
+    return "\n".join(lines)

@@ -1,0 +1,527 @@
+"""``longtail fit``: a user's folder or CSV in, a calibrated, deployable model bundle out.
+
+1. data (:mod:`longtail.fit.ingest`): read, check, profile, split (train / validation /
+   internal test, unless given) and materialise the images as the ``user`` dataset in
+   ``OUT/data``;
+2. recipe search (:mod:`longtail.fit.search`): stage 1 (:class:`longtail.train.Stage1`, SWA /
+   SWAG, the recipe of :mod:`longtail.fit.plan`) and every deployable stage-2 method
+   (:class:`longtail.classify.run.Stage2`) for each candidate recipe in ``OUT/search/<name>``,
+   by successive halving within ``budget`` minutes; each candidate's methods calibrated on
+   validation and one chosen (:mod:`longtail.fit.select`); the best candidate wins;
+3. re-fit: the chosen recipe and method trained again on every labelled image (train +
+   validation + internal test, ``OUT/data-all``) in ``OUT/run``, with the hyper-parameters the
+   selection run chose on validation pinned and its temperature (the hold-out's predictions);
+   ``refit=False`` bundles the selection run instead;
+4. bundle (:mod:`longtail.fit.bundle`) in ``OUT/bundle`` with ``model.onnx`` and ``model.ts``
+   (:mod:`longtail.fit.export`); ``OUT/report.html`` / ``report.md`` of the selection run
+   (hold-out figures) and ``OUT/fit.json`` (every candidate, every method, and which images
+   measured what).
+
+This module sits beside :mod:`longtail.sweep` (above ``train``, ``classify`` and ``fit``): it is
+the only part of ``fit`` that runs training. Every run directory it makes is an ordinary one:
+``longtail classify`` and ``longtail report`` work on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import longtail
+from longtail.classify import registry
+from longtail.classify.heads import head_spec
+from longtail.classify.run import Stage2
+from longtail.config import load_config
+from longtail.data.build import check_batch_size
+from longtail.errors import LongtailError
+from longtail.evaluate.report import write_report
+from longtail.fit.bundle import Bundle, DeployedClassifier, save_bundle
+from longtail.fit.images import decode
+from longtail.fit.ingest import UserData, pooled_for_refit, read_user_data, save_user_data
+from longtail.fit.plan import InputPlan, recipe, recipe_summary
+from longtail.fit.search import (
+    MIXUP_GRID,
+    SURVIVORS,
+    Candidate,
+    bootstrap_gaps,
+    candidate_name,
+    choose_candidate,
+    long_epochs,
+    search_table,
+    short_epochs,
+    survivors,
+)
+from longtail.fit.select import MethodScore, choose, score_methods, selection_table
+from longtail.io import atomic_write_json
+from longtail.runtime import world_size_from_env
+from longtail.train import Stage1
+from longtail.train.schedules import swa_collect_from
+
+CHECK_IMAGES = 32  # validation images the export check runs on
+BUDGET_MINUTES = 15.0
+# OUT's layout
+DATA, REFIT_DATA, SEARCH, RUN, BUNDLE, FIT_JSON = (
+    "data",
+    "data-all",
+    "search",
+    "run",
+    "bundle",
+    "fit.json",
+)
+
+
+@dataclass
+class FitResult:
+    """What one fit produced.
+
+    Attributes:
+        out: the output folder; ``bundle``: the loaded model bundle.
+        chosen: the deployed stage-2 method; ``scores``: every deployable method's figures,
+            in the chosen recipe's selection run.
+        data: the materialised (selection) data; ``results``: the selection run's stage-2
+            ``results.json`` dict.
+        candidates: every recipe the search tried; ``recipe``: the chosen one.
+        refit: whether the bundle was re-trained on every labelled image.
+    """
+
+    out: Path
+    bundle: Bundle
+    chosen: MethodScore
+    scores: list[MethodScore]
+    data: UserData
+    results: dict
+    candidates: list[Candidate]
+    recipe: Candidate
+    refit: bool
+
+
+# keys `longtail fit` sets itself (the user dataset it materialises in OUT/data)
+FIT_SETS = ("data.dataset", "data.root", "data.imbalance")
+
+
+def _data_keys(root: Path) -> dict:
+    return {"dataset": "user", "root": str(root), "imbalance": None}
+
+
+def _resolve_overrides(overrides: list[str], out: Path, epochs: int | None) -> DictConfig:
+    """The user's overrides resolved over the defaults and validated, before any file is read or
+    written: a mistyped key or a bad value fails here, so ``--out`` stays untouched."""
+    extra = [f"optim.epochs={epochs}"] if epochs else []
+    cfg = load_config(None, overrides + extra, base={"data": _data_keys(out / DATA)})
+    for key in FIT_SETS:
+        if _given(cfg, overrides, key) is not None:
+            raise LongtailError(f"{key} is set by `longtail fit` itself; drop that override")
+    return cfg
+
+
+def _given(cfg: DictConfig, overrides: list[str], key: str) -> Any:
+    """``key``'s value in the resolved ``cfg`` when an override sets it, else ``None``."""
+    if any(item.split("=", 1)[0].strip() == key for item in overrides if "=" in item):
+        return OmegaConf.select(cfg, key)
+    return None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LongtailError(
+            f"--out {str(out)!r} exists and is not an empty folder; choose a new one "
+            "(a fit never overwrites an earlier one)"
+        )
+
+
+def _check_inputs(data: UserData) -> torch.Tensor:
+    """Up to 32 validation images as float ``(B, C, S, S)`` in ``[0, 1]``."""
+    val = data.splits["val"]
+    if val.images is not None:
+        return val.images[:CHECK_IMAGES].float().div(255.0)
+    prep = data.preprocessing
+    pix = [decode(p, prep) for p in (val.paths or [])[:CHECK_IMAGES]]
+    pix = [p for p in pix if isinstance(p, torch.Tensor)]
+    if not pix:
+        return torch.rand(4, prep.channels, prep.size, prep.size)
+    return torch.stack(pix).float().div(255.0)
+
+
+def _config(
+    data: UserData,
+    root: Path,
+    overrides: list[str],
+    *,
+    n_train: int,
+    epochs: int,
+    mixup_alpha: float,
+    seed: int,
+    given: DictConfig,
+) -> DictConfig:
+    """One candidate's full config: the plan's recipe for ``n_train`` images, ``epochs`` and
+    ``mixup_alpha``, the user's overrides on top; validated as stage 1 will (nothing written)."""
+    plan: InputPlan = data.plan
+    base = recipe(
+        n_train,
+        plan,
+        epochs=epochs,
+        batch_size=_given(given, overrides, "optim.batch_size"),
+        swa_start=_given(given, overrides, "swa.start") or 0.75,
+    )
+    base["loss"]["mixup_alpha"] = mixup_alpha
+    base["seed"] = seed
+    base["data"] = {
+        **_data_keys(root),
+        "image_size": plan.size,
+        "padding": max(1, round(plan.size / 8)),
+    }
+    base["model"] = {"name": plan.model, "weights_path": plan.weights_path}
+    cfg = load_config(None, overrides, base=base)
+    cfg.stage2.calibrate = True  # fit always calibrates on validation (a note says so)
+    swa_collect_from(cfg)  # swa.start / anneal_epochs against the epochs
+    check_batch_size(cfg.optim.batch_size, world_size_from_env(), n_train)  # stage 1's check
+    return cfg
+
+
+@dataclass
+class _Selection:
+    """The best candidate so far, with what bundling it needs."""
+
+    candidate: Candidate
+    stage2: Stage2
+    scores: list[MethodScore]
+    chosen: MethodScore
+    results: dict
+
+
+def _deployable_methods(overrides: list[str]) -> list[str] | None:
+    """Every deployable stage-2 method, or ``None`` when the user chose ``stage2.methods``."""
+    if any(o.split("=", 1)[0].strip() == "stage2.methods" for o in overrides):
+        return None
+    return [m for m in registry.available() if registry.get(m).deployable]
+
+
+def _run_candidate(
+    cfg: DictConfig,
+    run_dir: Path,
+    rung: int,
+    methods: list[str] | None,
+    log: Callable[[str], None],
+) -> _Selection:
+    """Stage 1 and stage 2 of one candidate recipe; its methods scored and one chosen."""
+    name = candidate_name(float(cfg.loss.mixup_alpha), int(cfg.optim.epochs))
+    log(
+        f"candidate {name} (rung {rung}): {cfg.optim.epochs} epochs, mixup alpha "
+        f"{cfg.loss.mixup_alpha:g} -> {run_dir}"
+    )
+    t0 = time.perf_counter()
+    Stage1(cfg, run_dir).fit()
+    t1 = time.perf_counter()
+    s2 = Stage2(run_dir, log=log)
+    results = s2.run(methods)
+    d = cfg.data
+    scores = score_methods(
+        s2.heads, s2.features(), s2.counts, many=d.many_shot, few=d.few_shot, results=s2.results
+    )
+    chosen = choose(scores, s2.features()["val"][1], seed=int(cfg.seed))
+    cand = Candidate(
+        name,
+        float(cfg.loss.mixup_alpha),
+        int(cfg.optim.epochs),
+        rung,
+        str(run_dir),
+        chosen.name,
+        chosen.val,
+        chosen.test,
+        time.perf_counter() - t0,
+        t1 - t0,
+    )
+    log(
+        f"candidate {name}: {chosen.name}, validation balanced accuracy "
+        f"{100 * cand.score:.2f} % ({cand.seconds:.0f} s)"
+    )
+    return _Selection(cand, s2, scores, chosen, results)
+
+
+def _better(a: _Selection | None, b: _Selection) -> _Selection:
+    if a is None:
+        return b
+    return a if choose_candidate([a.candidate, b.candidate]) is a.candidate else b
+
+
+def _bootstrap_candidates(sels: list[_Selection], seed: int) -> None:
+    """Fill each candidate's gap to the best over the validation bootstrap."""
+    preds = {s.candidate.name: s.chosen.val_pred for s in sels}
+    y = sels[0].stage2.features()["val"][1].numpy()
+    k = int(max(y.max(), *(p.max() for p in preds.values()))) + 1
+    gaps = bootstrap_gaps(preds, y, k, seed=seed)
+    for s in sels:
+        s.candidate.gap = gaps[s.candidate.name]
+
+
+def fit(
+    train: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    val: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    image_size: int | None = None,
+    weights: str | None = None,
+    overrides: list[str] | None = None,
+    strict: bool = False,
+    budget: float = BUDGET_MINUTES,
+    refit: bool = True,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Choose a recipe and a method on validation, re-fit on everything, calibrate and bundle.
+
+    Args:
+        train: ImageFolder tree ``ROOT/<class>/<image>`` or CSV / list file (``path,label`` or
+            ``path label``; label an integer or a class name; paths relative to the file).
+        out: a new (or empty) output folder.
+        val, test: the user's own validation / test data; held out from ``train`` if absent.
+        epochs: stage-1 epochs (then not searched; default: searched, :mod:`longtail.fit.search`).
+        image_size: input side ``S`` (default from the image sizes).
+        weights: a local torchvision ResNet state dict to fine-tune from.
+        overrides: ``key=value`` config overrides, applied over the plan's choices; setting
+            ``loss.mixup_alpha`` or ``optim.epochs`` takes that knob out of the search.
+        strict: fail on any unreadable file instead of skipping it.
+        budget: minutes for the whole fit; the search sizes its long schedule from what its
+            first runs measured so that the search and the re-fit fit in it.
+        refit: re-train the chosen recipe and method on every labelled image (train +
+            validation + internal test) for the bundle; ``False``: bundle the selection run.
+        log: where progress lines go.
+
+    Returns:
+        A :class:`FitResult`; the bundle's network maps images ``(B, C, S, S)`` in ``[0, 1]``
+        to calibrated probabilities ``(B, K)``.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + 60.0 * budget
+    out = Path(out).expanduser().resolve()
+    overrides = list(overrides or [])
+    if budget <= 0:
+        raise LongtailError(f"--budget {budget:g}: give the minutes the fit may take, > 0")
+    _check_out(out)
+    # nothing is written until the whole config is resolved and checked: the overrides alone
+    # first (before the images are read), then every rung-1 candidate and the re-fit
+    given = _resolve_overrides(overrides, out, epochs)
+    epochs = epochs or _given(given, overrides, "optim.epochs")
+    image_size = image_size or _given(given, overrides, "data.image_size")
+    weights = weights or _given(given, overrides, "model.weights_path")
+    seed = _given(given, overrides, "seed") or 0
+    data = read_user_data(
+        train,
+        out / DATA,
+        val=val,
+        test=test,
+        image_size=image_size,
+        weights_path=weights,
+        model=_given(given, overrides, "model.name"),
+        strict=strict,
+        seed=seed,
+        log=log,
+    )
+    n_train = len(data.splits["train"])
+    pooled = pooled_for_refit(data, out / REFIT_DATA) if refit else None
+    n_all = len(pooled.splits["train"]) if pooled else n_train
+    user_mixup = _given(given, overrides, "loss.mixup_alpha")
+    grid = [float(user_mixup)] if user_mixup is not None else list(MIXUP_GRID)
+    short = int(epochs) if epochs else short_epochs(n_train)
+
+    def config(root: Path, n: int, e: int, alpha: float) -> DictConfig:
+        return _config(
+            data, root, overrides, n_train=n, epochs=e, mixup_alpha=alpha, seed=seed, given=given
+        )
+
+    rung1 = {a: config(out / DATA, n_train, short, a) for a in grid}
+    if pooled:
+        config(out / REFIT_DATA, n_all, short, grid[0])
+    if _given(given, overrides, "stage2.calibrate") is False:
+        log("note: stage2.calibrate=false ignored: fit always calibrates on validation")
+    searched = [k for k, v in (("mixup", len(grid) > 1), ("epochs", not epochs)) if v]
+    log(
+        f"recipe search over {', '.join(searched) or 'nothing (both given)'}; budget "
+        f"{budget:g} min; base recipe: " + recipe_summary(rung1[grid[0]], n_train)
+    )
+    save_user_data(data)
+
+    methods = _deployable_methods(overrides)
+    done: list[_Selection] = []
+    best: _Selection | None = None
+    for alpha, cfg in rung1.items():
+        if done:
+            first = done[0].candidate
+            refit_s = first.stage1_seconds * n_all / n_train + first.seconds - first.stage1_seconds
+            if time.perf_counter() + first.seconds + (refit_s if refit else 0) > deadline:
+                log(f"budget: candidate mixup {alpha:g} skipped (would end after the budget)")
+                continue
+        sel = _run_candidate(cfg, out / SEARCH / candidate_name(alpha, short), 1, methods, log)
+        done.append(sel)
+        best = _better(best, sel)
+    assert best is not None
+    if not epochs:
+        keep = survivors([s.candidate for s in done])
+        c1 = [s.candidate for s in done]
+        per_epoch = sorted(c.stage1_seconds / c.epochs for c in c1)[len(c1) // 2]
+        stage2_s = sorted(c.seconds - c.stage1_seconds for c in c1)[len(c1) // 2]
+        e2 = long_epochs(
+            short=short,
+            seconds_per_epoch=per_epoch,
+            stage2_seconds=stage2_s,
+            seconds_left=deadline - time.perf_counter(),
+            survivors=len(keep),
+            refit_ratio=n_all / n_train if refit else 0.0,
+        )
+        if e2 is None:
+            log(
+                f"budget: no long schedule (measured {per_epoch:.2f} s per epoch, "
+                f"{stage2_s:.0f} s per stage 2: fewer than 1.5 x {short} epochs fit)"
+            )
+        else:
+            log(
+                f"rung 2: {', '.join(c.name for c in keep)} (best {min(SURVIVORS, len(keep))} of "
+                f"rung 1) for {e2} epochs (measured {per_epoch:.2f} s per epoch)"
+            )
+            for c in keep:
+                cfg = config(out / DATA, n_train, e2, c.mixup_alpha)
+                run = out / SEARCH / candidate_name(c.mixup_alpha, e2)
+                sel = _run_candidate(cfg, run, 2, methods, log)
+                done.append(sel)
+                best = _better(best, sel)
+    _bootstrap_candidates(done, seed)
+    candidates = [s.candidate for s in done]
+    chosen_recipe = best.candidate
+    log(search_table(candidates, chosen_recipe.name))
+    chosen = best.chosen
+    log(selection_table(best.scores, chosen.name))
+
+    if pooled:
+        save_user_data(pooled)
+        cfg = config(out / REFIT_DATA, n_all, chosen_recipe.epochs, chosen_recipe.mixup_alpha)
+        run_dir = out / RUN
+        log(
+            f"re-fit: {chosen_recipe.name} and {chosen.name} on every labelled image "
+            f"({n_all:,}) -> {run_dir}"
+        )
+        Stage1(cfg, run_dir).fit()
+        method = registry.get(chosen.name)
+        info = best.stage2.results.methods[chosen.name].info
+        pins = [f"{key}=[{info[k]}]" for k, key in method.pins if k in info]
+        s2 = Stage2(run_dir, overrides=pins, log=log)
+        s2.run([chosen.name])
+        model, head = s2.model, s2.heads[chosen.name]
+    else:
+        run_dir = Path(chosen_recipe.run_dir)
+        model, head = best.stage2.model, best.stage2.heads[chosen.name]
+        cfg = best.stage2.cfg
+
+    backbone = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
+    head = copy.deepcopy(head).float().cpu()
+    prep = data.preprocessing
+    model = DeployedClassifier(backbone, head, chosen.temperature, prep.mean, prep.std)
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    trained_on_test = pooled is not None and not data.origins["test"].startswith("given")
+    measured = {
+        "recipe": f"validation split of the selection data ({sizes['val']:,} images)",
+        "method": f"validation split ({sizes['val']:,} images), run {chosen_recipe.name}",
+        "temperature": "the chosen method's validation predictions in the selection run",
+        "test_figures": (
+            f"test split ({sizes['test']:,} images, {data.origins['test']}), selection run"
+            + ("; the bundled re-fit trained on them" if trained_on_test else "")
+        ),
+        "bundle": (
+            f"re-fit on {pooled.origins['train']} ({n_all:,} images)"
+            if pooled
+            else f"selection run ({n_train:,} training images)"
+        ),
+    }
+    spec = {
+        "backbone": cfg.model.name,
+        "num_classes": len(data.classes),
+        "channels": prep.channels,
+        "feature_dim": int(backbone.feature_dim),
+        "head": head_spec(head),
+    }
+    meta = {
+        "classes": data.classes,
+        "preprocessing": prep.to_json(),
+        "temperature": chosen.temperature,
+        "method": chosen.name,
+        "recipe": chosen_recipe.name,
+        "refit": bool(pooled),
+        "backbone": {
+            "name": cfg.model.name,
+            "weights": "swa",
+            "pretrained": data.plan.weights_path,
+        },
+        "selection": "recipe: best validation balanced accuracy; method: the simplest within one "
+        "bootstrap standard deviation of the best validation balanced accuracy; temperature "
+        "fitted on validation",
+        "measured_on": measured,
+        "metrics": {"validation": chosen.val, "test": chosen.test},
+        "methods": {
+            s.name: {k: v for k, v in s.to_json().items() if k != "name"} for s in best.scores
+        },
+        "data": {
+            "sizes": sizes,
+            "origins": data.origins,
+            "train_counts": (pooled or data).splits["train"].counts().tolist(),
+            "excluded_classes": data.excluded,
+            "skipped_files": len(data.skipped),
+        },
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "longtail_version": longtail.__version__,
+        "torch_version": torch.__version__,
+    }
+    bundle = save_bundle(
+        out / BUNDLE, model, spec=spec, meta=meta, check_inputs=_check_inputs(data), log=log
+    )
+    checked = [
+        f"{r['file']} matches to {r['max_abs_diff']:.2g}"
+        for r in bundle.meta["exports"].values()
+        if "file" in r
+    ]
+    log(
+        f"bundle: {bundle.dir} (recipe {chosen_recipe.name}, method {chosen.name}, "
+        f"T = {chosen.temperature:.3g}{', re-fit on every labelled image' if pooled else ''}); "
+        + ("; ".join(checked) or "no exported files")
+    )
+    html_path, _ = write_report([chosen_recipe.run_dir], out)
+    log(f"report: {html_path} (the selection run: hold-out figures)")
+    summary = {
+        "train": str(train),
+        "val": str(val) if val is not None else None,
+        "test": str(test) if test is not None else None,
+        "input_plan": data.plan.reasons,
+        "budget_minutes": budget,
+        "searched": searched,
+        "candidates": [c.to_json() for c in candidates],
+        "recipe": chosen_recipe.name,
+        "recipe_summary": recipe_summary(cfg, n_all),
+        "chosen": chosen.name,
+        "scores": [s.to_json() for s in best.scores],
+        "refit": bool(pooled),
+        "measured_on": measured,
+        "bundle": str(bundle.dir),
+        "report": str(html_path),
+        "run_dir": str(run_dir),
+        "selection_run_dir": chosen_recipe.run_dir,
+        "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(out / FIT_JSON, summary)
+    return FitResult(
+        out,
+        bundle,
+        chosen,
+        best.scores,
+        data,
+        best.results,
+        candidates,
+        chosen_recipe,
+        refit=pooled is not None,
+    )

@@ -1,0 +1,245 @@
+"""`longtail fit`'s recipe search, method choice with its spread, and the re-fit on everything.
+
+The search's arithmetic and the bootstrap are checked on numbers made here; one real search on a
+Fashion-MNIST PNG tree (rung 1's schedule shortened to 2 epochs so that it runs in seconds) shows
+rung 2, the choice and the re-fit end to end; the session fixture ``fitted`` (conftest.py) shows
+the search over mixup with the epochs given.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fashion_images import run_main, write_tree
+from longtail.config import load_config
+from longtail.fit import search
+from longtail.fit.ingest import pooled_for_refit, read_user_data
+from longtail.fit.search import (
+    Candidate,
+    bootstrap_gaps,
+    choose_candidate,
+    long_epochs,
+    short_epochs,
+    survivors,
+)
+from longtail.fit.select import MethodScore, choose
+
+
+def test_short_schedule_sees_about_40k_images_within_bounds():
+    assert short_epochs(2096) == 20  # ceil(40,000 / 2,096) = 20
+    assert short_epochs(900) == 45
+    assert short_epochs(100) == 100  # at most 100
+    assert short_epochs(50_000) == 20  # at least 20
+
+
+def test_long_schedule_fills_what_is_left_and_no_more():
+    kw = dict(short=20, seconds_per_epoch=1.5, stage2_seconds=15.0, survivors=2)
+    # (750 - 3 * 15) / (1.5 * (2 + 4/3)) = 141 epochs; capped at 4 x 20
+    assert long_epochs(seconds_left=750.0, refit_ratio=4 / 3, **kw) == 80
+    # (300 - 45) / 5 = 51 epochs fit: between 1.5 x 20 and 4 x 20
+    assert long_epochs(seconds_left=300.0, refit_ratio=4 / 3, **kw) == 51
+    # fewer than 1.5 x 20 fit: no rung 2
+    assert long_epochs(seconds_left=150.0, refit_ratio=4 / 3, **kw) is None
+    assert long_epochs(seconds_left=10.0, refit_ratio=4 / 3, **kw) is None
+    # without a re-fit the same time buys more epochs: (300 - 30) / 3 = 90 -> 80
+    assert long_epochs(seconds_left=300.0, refit_ratio=0.0, **kw) == 80
+
+
+def test_bootstrap_gap_is_zero_for_the_same_predictions_and_positive_for_worse():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), [40, 20, 6, 3])
+    good = np.where(rng.random(len(y)) < 0.9, y, (y + 1) % 4)
+    bad = np.where(rng.random(len(y)) < 0.5, y, (y + 1) % 4)
+    gaps = bootstrap_gaps({"good": good, "copy": good.copy(), "bad": bad}, y, 4, n=300)
+    assert gaps["good"] == (0.0, 0.0) and gaps["copy"] == (0.0, 0.0)
+    mean, sd = gaps["bad"]
+    full = search.balanced_accuracy_of(good, y, 4) - search.balanced_accuracy_of(bad, y, 4)
+    assert abs(mean - full) < 0.05 and 0.0 < sd < mean  # a clear gap, resolved by 150 images
+
+
+def _score(name: str, pred: np.ndarray, y: np.ndarray) -> MethodScore:
+    bal = search.balanced_accuracy_of(pred, y, 3)
+    return MethodScore(name, 1.0, {"balanced_accuracy": bal, "nll_ts": 0.5}, {}, pred)
+
+
+def test_choose_prefers_the_simpler_method_within_the_spread_only():
+    y = np.repeat(np.arange(3), [30, 10, 4])
+    rng = np.random.default_rng(1)
+    strong = y.copy()
+    close = y.copy()
+    close[rng.choice(30, 1, replace=False)] = 1  # one head-class image wrong: within the noise
+    weak = np.where(rng.random(len(y)) < 0.4, y, (y + 1) % 3)
+    # cRT is best by one image; joint (simpler) is within one sd: joint wins
+    scores = [_score("crt", strong, y), _score("joint", close, y), _score("ncm", weak, y)]
+    chosen = choose(scores, torch.from_numpy(y))
+    assert chosen.name == "joint"
+    by = {s.name: s for s in scores}
+    assert by["crt"].gap == (0.0, 0.0)
+    assert 0 < by["joint"].gap[0] <= by["joint"].gap[1]
+    assert by["ncm"].gap[0] > by["ncm"].gap[1]  # far outside: never chosen
+    # the weak method is simpler than cRT only when close; here it is far: cRT over NCM
+    assert choose([_score("crt", strong, y), _score("ncm", weak, y)], y).name == "crt"
+    # without labels: the plain best
+    assert choose([_score("crt", strong, y), _score("joint", close, y)]).name == "crt"
+
+
+def test_survivors_and_choice_rank_by_validation_then_epochs():
+    def cand(name, alpha, epochs, bal, nll=0.5):
+        return Candidate(name, alpha, epochs, 1, val={"balanced_accuracy": bal, "nll_ts": nll})
+
+    cs = [cand("a", 0.0, 20, 0.70), cand("b", 0.2, 20, 0.80), cand("c", 1.0, 20, 0.75)]
+    assert [c.name for c in survivors(cs)] == ["b", "c"]
+    tie = [cand("long", 0.2, 80, 0.80), cand("short", 0.2, 20, 0.80)]
+    assert choose_candidate(tie).name == "short"
+    assert choose_candidate([*cs, cand("d", 1.0, 80, 0.85)]).name == "d"
+
+
+@pytest.mark.fashion_mnist
+def test_pooled_data_is_every_labelled_image_but_a_given_test(tmp_path):
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[30, 20, 12], extras=False)
+    quiet = dict(log=lambda s: None)
+    data = read_user_data(tree, tmp_path / "d", **quiet)
+    pooled = pooled_for_refit(data, tmp_path / "all")
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    assert len(pooled.splits["train"]) == sum(sizes.values()) == 62
+    want = torch.cat([data.splits[k].images for k in ("train", "val", "test")])
+    assert torch.equal(pooled.splits["train"].images, want)
+    assert torch.equal(pooled.splits["val"].images, data.splits["val"].images)
+    assert pooled.splits["val"].meta["in_training"] and pooled.splits["test"].meta["in_training"]
+    assert "every labelled image" in pooled.origins["train"]
+    # a test folder the user gave stays out of training
+    held = tmp_path / "held"
+    write_tree(held, counts=[5, 5, 5], seed=3, extras=False)
+    given = read_user_data(tree, tmp_path / "d2", test=held, **quiet)
+    pooled = pooled_for_refit(given, tmp_path / "all2")
+    assert len(pooled.splits["train"]) == len(given.splits["train"]) + len(given.splits["val"])
+    assert pooled.splits["val"].meta["in_training"] and not pooled.splits["test"].meta
+
+
+@pytest.mark.fashion_mnist
+def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, monkeypatch):
+    """Rung 1 (three mixup strengths, 2 epochs), the best two for 8 epochs (4 x rung 1, the
+    cap), the best of all five re-fitted on every labelled image with its method's choice."""
+    monkeypatch.setattr(search, "SHORT_MIN", 2)
+    monkeypatch.setattr(search, "SHORT_IMAGES", 1)
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[40, 24, 14], extras=False)
+    out = tmp_path / "out"
+    args = ["device=cpu", "precision=fp32", "stage2.srepr_samples=2", "seed=3"]
+    code, text, err = run_main(
+        ["fit", str(tree), "--out", str(out), "--budget", "60", *args], capsys
+    )
+    assert code == 0, err
+    summary = json.loads((out / "fit.json").read_text())
+    cands = summary["candidates"]
+    assert [(c["rung"], c["epochs"], c["mixup_alpha"]) for c in cands[:3]] == [
+        (1, 2, 0.0),
+        (1, 2, 0.2),
+        (1, 2, 1.0),
+    ]
+    rung1 = sorted(cands[:3], key=lambda c: -c["val"]["balanced_accuracy"])
+    assert [(c["rung"], c["epochs"]) for c in cands[3:]] == [(2, 8), (2, 8)]
+    assert {c["mixup_alpha"] for c in cands[3:]} == {c["mixup_alpha"] for c in rung1[:2]}
+    best = max(c["val"]["balanced_accuracy"] for c in cands)
+    chosen = next(c for c in cands if c["name"] == summary["recipe"])
+    assert chosen["val"]["balanced_accuracy"] == best
+    assert chosen["gap_to_best"] == {"mean": 0.0, "std": 0.0}
+    assert "recipe search:" in text and "rung 2:" in text and "re-fit:" in text
+    # the re-fit: the chosen recipe on every labelled image, the chosen method only
+    cfg = load_config(out / "run" / "config.yaml")
+    assert cfg.optim.epochs == chosen["epochs"] and cfg.loss.mixup_alpha == chosen["mixup_alpha"]
+    assert cfg.data.root == str(out / "data-all")
+    bundle = json.loads((out / "bundle" / "bundle.json").read_text())
+    sizes = bundle["data"]["sizes"]
+    assert sum(bundle["data"]["train_counts"]) == sum(sizes.values()) == 78
+    assert bundle["refit"] and bundle["recipe"] == chosen["name"]
+    refit = json.loads((out / "run" / "results.json").read_text())
+    assert list(refit["methods"]) == [bundle["method"]] or bundle["method"] == "srepr"
+    sel = json.loads((out / "search" / chosen["name"] / "results.json").read_text())
+    info = sel["methods"][bundle["method"]].get("info", {})
+    for key in ("tau", "alpha"):  # a value chosen on validation is pinned, not re-chosen
+        if key in info:
+            assert refit["methods"][bundle["method"]]["info"][key] == info[key]
+    # the temperature is the selection run's (fitted on its hold-out), not the re-fit's
+    assert bundle["temperature"] == sel["methods"][bundle["method"]]["ts"]["temperature"]
+
+
+@pytest.mark.fashion_mnist
+def test_no_refit_bundles_the_selection_run(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[20, 12, 8], extras=False)
+    out = tmp_path / "out"
+    args = ["device=cpu", "precision=fp32", "optim.epochs=1", "loss.mixup_alpha=0"]
+    code, _, err = run_main(["fit", str(tree), "--out", str(out), "--no-refit", *args], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "fit.json").read_text())
+    assert not summary["refit"] and summary["searched"] == []
+    assert summary["run_dir"] == summary["selection_run_dir"] == str(out / "search" / "mixup0-e1")
+    assert not (out / "run").exists() and not (out / "data-all").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-1"])
+def test_budget_must_be_positive(tmp_path, capsys, bad):
+    code, _, err = run_main(
+        ["fit", str(tmp_path), "--out", str(tmp_path / "o"), "--budget", bad], capsys
+    )
+    assert code == 2 and f"--budget {float(bad):g}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fit_and_classify_packages_do_not_load_the_training_loop():
+    """``fit/`` and ``classify/`` import nothing of ``train/loop.py`` (the loop is reached only
+    from ``longtail.fitting``, ``longtail.sweep`` and the CLI, above them)."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import longtail.fit as F, longtail.classify as C\n"
+        "for pkg in (F, C):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "print(sorted(k for k in sys.modules if k.startswith('longtail.train')))\n"
+        "import longtail.fitting\n"
+        "print('longtail.train.loop' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded, fitting_loads_loop = r.stdout.strip().splitlines()
+    assert "longtail.train.loop" not in loaded, loaded
+    assert fitting_loads_loop == "True"  # the check can fail: the orchestrator does load it
+
+
+def test_old_import_path_names_the_new_one():
+    import longtail.fit
+
+    with pytest.raises(AttributeError, match="from longtail.fitting import fit"):
+        longtail.fit.fit  # noqa: B018
+
+
+def test_leak_check_passes_only_splits_declared_part_of_training(tmp_path):
+    """File-backed user splits sharing images with training: refused, unless the split file
+    says ``in_training`` (what the re-fit writes), which survives saving and loading."""
+    from dataclasses import replace
+
+    from longtail.data.datasets import ImageDataset
+    from longtail.data.prepare import prepare_data
+    from longtail.data.user import save_user_split
+    from longtail.errors import LongtailError
+
+    paths = [str(tmp_path / f"{i}.png") for i in range(6)]
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    train = ImageDataset(labels=labels, classes=["a", "b"], paths=paths, name="user")
+    test = train.subset([0, 3])
+    for split, ds in (("train", train), ("val", test), ("test", test)):
+        save_user_split(ds, tmp_path / "d", split)
+    with pytest.raises(LongtailError, match="also in the training split"):
+        prepare_data("user", root=str(tmp_path / "d"))
+    flagged = replace(test, meta={"in_training": True})
+    for split in ("val", "test"):
+        save_user_split(flagged, tmp_path / "d", split)
+    splits = prepare_data("user", root=str(tmp_path / "d"))
+    assert splits.test.meta == {"in_training": True} and len(splits.train) == 6
