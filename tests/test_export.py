@@ -170,7 +170,10 @@ def _head(name: str, run: Path, backbone: torch.nn.Module) -> torch.nn.Module:
 def test_bundle_with_each_head_exports_to_onnx(fitted, tmp_path, name):
     fit_bundle = load_bundle(fitted.out)
     backbone = fit_bundle.model.backbone
-    head = _head(name, fitted.out / "run", backbone)
+    # the selection run ran every method (the re-fit in OUT/run only the chosen one), so its
+    # features and SWAG banks are there; the heads' shapes are the bundle backbone's
+    selection = Path(json.loads((fitted.out / "fit.json").read_text())["selection_run_dir"])
+    head = _head(name, selection, backbone)
     prep = fit_bundle.preprocessing
     model = DeployedClassifier(backbone, head, 1.7, prep.mean, prep.std)
     spec = {**fit_bundle.meta["spec"], "head": head_spec(head)}
