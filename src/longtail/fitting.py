@@ -252,12 +252,12 @@ def _better(a: _Selection | None, b: _Selection) -> _Selection:
     return a if choose_candidate([a.candidate, b.candidate]) is a.candidate else b
 
 
-def _bootstrap_candidates(sels: list[_Selection], seed: int) -> None:
-    """Fill each candidate's gap to the best over the validation bootstrap."""
+def _bootstrap_candidates(sels: list[_Selection], best: _Selection, seed: int) -> None:
+    """Fill each candidate's gap to ``best`` over the validation bootstrap."""
     preds = {s.candidate.name: s.chosen.val_pred for s in sels}
-    y = sels[0].stage2.features()["val"][1].numpy()
+    y = best.stage2.features()["val"][1].numpy()
     k = int(max(y.max(), *(p.max() for p in preds.values()))) + 1
-    gaps = bootstrap_gaps(preds, y, k, seed=seed)
+    gaps = bootstrap_gaps(preds, y, k, seed=seed, best=best.candidate.name)
     for s in sels:
         s.candidate.gap = gaps[s.candidate.name]
 
@@ -393,7 +393,7 @@ def fit(
                 sel = _run_candidate(cfg, run, 2, methods, log)
                 done.append(sel)
                 best = _better(best, sel)
-    _bootstrap_candidates(done, seed)
+    _bootstrap_candidates(done, best, seed)
     candidates = [s.candidate for s in done]
     chosen_recipe = best.candidate
     log(search_table(candidates, chosen_recipe.name))

@@ -89,6 +89,7 @@ def bootstrap_gaps(
     *,
     n: int = BOOTSTRAP,
     seed: int = 0,
+    best: str | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Each entry's balanced-accuracy gap to the best one, over a stratified paired bootstrap.
 
@@ -99,15 +100,17 @@ def bootstrap_gaps(
         preds: name -> predicted labels ``(N,)`` on the validation images.
         labels: ``(N,)`` true labels.
         num_classes: ``C``.
+        best: the reference entry; default the highest balanced accuracy on the full
+            validation split (the first of equals).
 
     Returns:
-        name -> (mean, standard deviation) of ``best - entry`` in balanced accuracy (fractions),
-        ``best`` the entry with the highest balanced accuracy on the full validation split;
+        name -> (mean, standard deviation) of ``best - entry`` in balanced accuracy (fractions);
         ``(0, 0)`` for the best itself.
     """
     names = list(preds)
-    full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
-    best = max(names, key=lambda k: full[k])
+    if best is None:
+        full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
+        best = max(names, key=lambda k: full[k])
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(labels == c) for c in range(num_classes)]
     members = [m for m in members if len(m)]

@@ -169,11 +169,9 @@ def choose(
         return best
     y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     k = int(max(y.max(), *(s.val_pred.max() for s in scores))) + 1
-    gaps = bootstrap_gaps({s.name: s.val_pred for s in scores}, y, k, seed=seed)
-    ref = gaps[best.name]
+    gaps = bootstrap_gaps({s.name: s.val_pred for s in scores}, y, k, seed=seed, best=best.name)
     for s in scores:
-        # gaps are against the bootstrap's best, which is ``best`` up to NLL ties
-        s.gap = (gaps[s.name][0] - ref[0], gaps[s.name][1])
+        s.gap = gaps[s.name]
     close = [s for s in scores if s.gap[0] <= s.gap[1]]
     return min(close, key=lambda s: (_simplicity(s.name), s.gap[0]))
 
