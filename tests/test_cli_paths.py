@@ -26,6 +26,7 @@ from longtail.fit.bundle import DeployedClassifier, save_bundle
 from longtail.fit.images import Preprocessing
 from longtail.io import verified_load
 from longtail.models import build_model
+from longtail.rundir import RunDir
 from longtail.sweep import run_seed
 from longtail.train import loop
 from longtail.train.checkpoint import list_checkpoints
@@ -86,17 +87,23 @@ def test_demo_restarts_a_stopped_demo_then_reuses_a_finished_one(tmp_path, capsy
 # ------------------------------------------------------------------ sweep
 def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
     """Two seeds, joint + NCM: ``summary.json`` holds the mean and sample std of the per-seed
-    results files, for the SWA features and the final SGD model's; a finished seed is not
-    trained again. Guards: a wrong mean / std (population std, one seed only), the
-    SGD-feature table missing, stage 1 retrained for a seed that is done."""
+    results files, for the SWA features, the SWA run's last iterate and the SGD baseline (its own
+    run per seed: SWA off, lr annealed to 0); a finished seed is not trained again. Guards: a
+    wrong mean / std (population std, one seed only), a table missing, the constant-lr last
+    iterate passed off as the SGD baseline, stage 1 retrained for a seed that is done."""
     out = tmp_path / "sweep"
     argv = ["sweep", "digits_lt", *TINY_CLI, "--seeds", "0", "1", "--out", str(out)]
     code, text, err = run_main([*argv, "--method", "joint", "ncm"], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 1]
-    for key, name in (("swa_features", "results.json"), ("sgd_features", "results-final.json")):
-        per_seed = [json.loads((out / f"seed{s}" / name).read_text()) for s in (0, 1)]
+    files = (
+        ("swa_features", "seed{s}/results.json"),
+        ("last_iterate_features", "seed{s}/results-final.json"),
+        ("sgd_baseline", "seed{s}-sgd/results.json"),
+    )
+    for key, name in files:
+        per_seed = [json.loads((out / name.format(s=s)).read_text()) for s in (0, 1)]
         assert per_seed[0]["methods"]["joint"] != per_seed[1]["methods"]["joint"]
         for method in ("joint", "ncm"):
             for metric in ("accuracy", "nll", "few"):
@@ -109,7 +116,15 @@ def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
     assert seed1.seed == 1
     assert seed1.data.subset_seed == 1  # the subset varies with the seed by default
     assert load_config(out / "seed0" / "config.yaml").data.subset_seed == 0
-    assert "stage 2 on the final SGD model's features" in text
+    assert "stage 2 on the last iterate's features" in text
+    assert "stage 2 on the SGD baseline's features" in text
+    # the baseline: the same recipe and seed, SWA off, a schedule that ends at lr 0
+    base = load_config(out / "seed1-sgd" / "config.yaml")
+    assert not base.swa.enabled and base.optim.schedule == "cosine"
+    assert (base.seed, base.data.subset_seed, base.optim.epochs) == (1, 1, seed1.optim.epochs)
+    lines = RunDir(out / "seed1-sgd").metrics_path().read_text().splitlines()
+    lrs = [json.loads(x)["lr"] for x in lines if '"lr"' in x]
+    assert lrs[-1] < 1e-3 * max(lrs)
     assert (out / "report.html").is_file()
     stamp = (out / "seed0" / "model_final.pt").stat().st_mtime_ns
     logs: list[str] = []

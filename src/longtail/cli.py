@@ -197,6 +197,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         overrides=a.overrides,
         methods=tuple(a.method) if a.method else None,
         vary_subset=a.vary_subset,
+        sgd_baseline=a.sgd_baseline,
     )
     return 0
 
@@ -376,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="vary_subset",
         action="store_false",
         help="keep one long-tailed subset (data.subset_seed) for every seed",
+    )
+    w.add_argument(
+        "--no-sgd-baseline",
+        dest="sgd_baseline",
+        action="store_false",
+        help="skip the SGD baseline run per seed (seed<N>-sgd: SWA off, lr annealed to 0)",
     )
     w.set_defaults(fn=cmd_sweep)
 

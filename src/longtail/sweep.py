@@ -2,10 +2,18 @@
 
 For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done, as
 :class:`longtail.rundir.RunDir` decides); stage 2 runs on the SWA features (``results.json``) and,
-when the run has SWA, also on the final SGD model's features (``results-final.json``) with the
-methods that need no SWAG posterior (:func:`longtail.classify.registry.without_swag`), so both
-can be compared. The aggregate (mean ± std over seeds) is printed, written to
-``OUT/summary.json`` and rendered as ``OUT/report.html``.
+when the run has SWA, also on the features of its last iterate (``results-final.json``: the model
+at the constant SWA learning rate, not a converged SGD model) with the methods that need no SWAG
+posterior (:func:`longtail.classify.registry.without_swag`).
+
+**The SGD baseline** is its own run per seed, ``OUT/seed<N>-sgd``: the same recipe with SWA off
+and the learning rate annealed to 0 (:data:`SGD_BASELINE`: a cosine schedule, which ends at 0;
+a step schedule would stop at ``lr * gamma^k``), then the same stage-2 methods on its final
+model. "SWA features vs SGD features" compares ``OUT/seed<N>`` with ``OUT/seed<N>-sgd``.
+
+The aggregate (mean ± std over seeds) is printed, written to ``OUT/summary.json``
+(``swa_features``, ``last_iterate_features``, ``sgd_baseline``) and rendered as
+``OUT/report.html`` (the SWA runs).
 """
 
 from __future__ import annotations
@@ -23,21 +31,32 @@ from longtail.rundir import RunDir
 from longtail.train import Stage1
 
 SUMMARY_KEYS = ("accuracy", "many", "medium", "few", "nll", "ece", "brier")
+# the SGD baseline: the recipe without SWA, its learning rate annealed to 0
+SGD_BASELINE = ("swa.enabled=false", "optim.schedule=cosine")
 
 
 def run_seed(
-    recipe: str, seed: int, out: Path, *, overrides: list[str], vary_subset: bool, log=print
+    recipe: str,
+    seed: int,
+    out: Path,
+    *,
+    overrides: list[str],
+    vary_subset: bool,
+    baseline: bool = False,
+    log=print,
 ) -> Path:
-    """Stage 1 of one seed into ``out/seed<seed>`` (resuming a stopped run); returns the dir."""
-    run = out / f"seed{seed}"
+    """Stage 1 of one seed into ``out/seed<seed>`` (``baseline``: the SGD baseline,
+    :data:`SGD_BASELINE`, into ``out/seed<seed>-sgd``), resuming a stopped run; returns the dir."""
+    run = out / (f"seed{seed}-sgd" if baseline else f"seed{seed}")
     extra = [f"seed={seed}"] + ([f"data.subset_seed={seed}"] if vary_subset else [])
-    cfg = load_config(recipe, [*overrides, *extra])
+    cfg = load_config(recipe, [*overrides, *extra, *(SGD_BASELINE if baseline else ())])
     state = RunDir(run)
     if state.finished:
         log(f"seed {seed}: stage 1 already done in {run}")
         return run
     resume = state.resumable
-    log(f"seed {seed}: stage 1 -> {run}" + (" (resuming)" if resume else ""))
+    what = "SGD baseline (SWA off, lr annealed to 0)" if baseline else "stage 1"
+    log(f"seed {seed}: {what} -> {run}" + (" (resuming)" if resume else ""))
     Stage1(cfg, run, resume=resume).fit()
     return run
 
@@ -87,6 +106,7 @@ def sweep(
     overrides: list[str] | None = None,
     methods: tuple[str, ...] | None = None,
     vary_subset: bool | None = None,
+    sgd_baseline: bool = True,
     log=print,
 ) -> dict:
     """Run the whole protocol for every seed and aggregate; returns the summary dict.
@@ -95,24 +115,38 @@ def sweep(
     ``vary_subset``: draw the long-tailed subset with each seed too (``data.subset_seed`` =
     the seed), so the ± covers which images the tail got, not only the model's initialisation;
     ``None`` (default): yes, unless ``overrides`` fix ``data.subset_seed``.
+    ``sgd_baseline``: also train the SGD baseline per seed (module doc) when the recipe has SWA.
     """
     out = Path(out)
     overrides = list(overrides or [])
     vary_subset = subset_varies(vary_subset, overrides)
-    runs = []
+    runs, baselines = [], []
     for seed in seeds:
         run = run_seed(recipe, seed, out, overrides=overrides, vary_subset=vary_subset, log=log)
         rd = RunDir(run)
         if not rd.results_path().is_file():
             classify(run, methods, log=log)
-        if rd.model_path("swa").is_file() and not rd.results_path("final").is_file():
-            if methods is None:
-                names = registry.resolve(rd.config().stage2.methods, CONFIG_KEY)
-            else:
-                names = registry.resolve(methods)
-            sgd = registry.without_swag(names)
-            if sgd:
-                classify(run, sgd, ["stage2.backbone=final"], log=log)
+        if methods is None:
+            names = registry.resolve(rd.config().stage2.methods, CONFIG_KEY)
+        else:
+            names = registry.resolve(methods)
+        no_swag = registry.without_swag(names)
+        has_swa = rd.model_path("swa").is_file()
+        if has_swa and no_swag and not rd.results_path("final").is_file():
+            classify(run, no_swag, ["stage2.backbone=final"], log=log)
+        if has_swa and sgd_baseline and no_swag:
+            base = run_seed(
+                recipe,
+                seed,
+                out,
+                overrides=overrides,
+                vary_subset=vary_subset,
+                baseline=True,
+                log=log,
+            )
+            if not RunDir(base).results_path().is_file():
+                classify(base, no_swag, log=log)
+            baselines.append(base)
         runs.append(run)
     summary = {
         "recipe": recipe,
@@ -124,9 +158,15 @@ def sweep(
     log(f"\nstage 2 on {loaded[0].backbone} features, {len(runs)} seed(s):")
     log(_table(loaded))
     if all(RunDir(r).results_path("final").is_file() for r in runs):
-        summary["sgd_features"] = summarize(runs, "final")
-        log("\nstage 2 on the final SGD model's features:")
+        summary["last_iterate_features"] = summarize(runs, "final")
+        log(
+            "\nstage 2 on the last iterate's features (the SWA run's model at the constant SWA lr):"
+        )
         log(_table([load_results(r, "final") for r in runs]))
+    if baselines and len(baselines) == len(runs):
+        summary["sgd_baseline"] = summarize(baselines)
+        log("\nstage 2 on the SGD baseline's features (own run: SWA off, lr annealed to 0):")
+        log(_table([load_results(r) for r in baselines]))
     atomic_write_json(out / "summary.json", summary)
     html, _ = write_report(runs, out)
     log(f"\nsummary: {out / 'summary.json'}\nreport: {html}")
