@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 
 from longtail.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from longtail.fit import fit
 from longtail.fit.bundle import load_bundle
 from longtail.fit.onnx_runtime import load_onnx
 from longtail.fit.predict import predict_paths
+from longtail.fitting import fit
 
 
 def write_images(root: Path, n: int) -> list[str]:
@@ -57,7 +57,8 @@ def fit_bundle(root: Path) -> Path:
         d.mkdir(parents=True)
         for j, i in enumerate(rng.permutation(np.flatnonzero(y == c))[: int(120 * 0.1 ** (c / 9))]):
             Image.fromarray(x[i]).save(d / f"{j}.png")
-    args = ["device=cpu", "precision=fp32", "optim.epochs=4", "stage2.srepr_samples=3"]
+    args = ["device=cpu", "precision=fp32", "optim.epochs=4", "loss.mixup_alpha=0.2"]
+    args += ["stage2.srepr_samples=3"]
     with contextlib.redirect_stdout(io.StringIO()):
         fit(root / "train", root / "fit", overrides=args)
     return root / "fit"

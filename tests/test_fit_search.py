@@ -49,6 +49,7 @@ def test_long_schedule_fills_what_is_left_and_no_more():
     assert long_epochs(seconds_left=10.0, refit_ratio=4 / 3, **kw) is None
     # without a re-fit the same time buys more epochs: (300 - 30) / 3 = 90 -> 80
     assert long_epochs(seconds_left=300.0, refit_ratio=0.0, **kw) == 80
+    assert long_epochs(seconds_left=float("inf"), refit_ratio=0.0, **kw) is None
 
 
 def test_bootstrap_gap_is_zero_for_the_same_predictions_and_positive_for_worse():
@@ -71,22 +72,44 @@ def _score(name: str, pred: np.ndarray, y: np.ndarray) -> MethodScore:
 def test_choose_prefers_the_simpler_method_within_the_spread_only():
     y = np.repeat(np.arange(3), [30, 10, 4])
     rng = np.random.default_rng(1)
-    strong = y.copy()
+    best = y.copy()
+    best[[0, 1, 2, 3]] = 1  # four head-class images wrong
     close = y.copy()
-    close[rng.choice(30, 1, replace=False)] = 1  # one head-class image wrong: within the noise
+    close[[4, 5, 6]] = 1  # three other head-class images wrong ...
+    close[30] = 0  # ... and one medium-class image: worse by about a point, both ways
+    behind = best.copy()
+    behind[[7, 8]] = 1  # the best's mistakes and two more: worse, never better
     weak = np.where(rng.random(len(y)) < 0.4, y, (y + 1) % 3)
-    # cRT is best by one image; joint (simpler) is within one sd: joint wins
-    scores = [_score("crt", strong, y), _score("joint", close, y), _score("ncm", weak, y)]
+    # cRT is best; joint (simpler) differs both ways and is within one sd: joint wins
+    scores = [_score("crt", best, y), _score("joint", close, y), _score("ncm", weak, y)]
     chosen = choose(scores, torch.from_numpy(y))
     assert chosen.name == "joint"
     by = {s.name: s for s in scores}
     assert by["crt"].gap == (0.0, 0.0)
     assert 0 < by["joint"].gap[0] <= by["joint"].gap[1]
     assert by["ncm"].gap[0] > by["ncm"].gap[1]  # far outside: never chosen
-    # the weak method is simpler than cRT only when close; here it is far: cRT over NCM
-    assert choose([_score("crt", strong, y), _score("ncm", weak, y)], y).name == "crt"
+    # a simpler method that is worse on some images and better on none is never chosen
+    assert choose([_score("crt", best, y), _score("joint", behind, y)], y).name == "crt"
     # without labels: the plain best
-    assert choose([_score("crt", strong, y), _score("joint", close, y)]).name == "crt"
+    assert choose([_score("crt", best, y), _score("joint", close, y)]).name == "crt"
+
+
+def test_pins_reproduce_the_validation_choices_and_name_what_cannot_be():
+    from longtail.classify import registry
+    from longtail.classify.interface import Stage2Method
+
+    infos = {"tau": {"tau": 0.7}, "srepr": {"alpha": 0.25}, "logit_adjust": {}}
+    assert registry.pinned(["tau"], infos) == (["stage2.tau_grid=[0.7]"], [])
+    # SRepr implies its ablations; only SRepr itself chose something
+    assert registry.pinned(["srepr"], infos) == (["stage2.srepr_alpha_grid=[0.25]"], [])
+    assert registry.pinned(["logit_adjust"], infos) == ([], ["logit_adjust"])  # info lost
+    assert registry.pinned(["joint", "ncm"], infos) == ([], [])
+    plug = Stage2Method("plug_val", lambda ctx: None, needs_val=True)  # chooses, no pins
+    registry.register(plug)
+    try:
+        assert registry.pinned(["plug_val"], {}) == ([], ["plug_val"])
+    finally:
+        registry.unregister("plug_val")
 
 
 def test_survivors_and_choice_rank_by_validation_then_epochs():
@@ -140,11 +163,13 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     summary = json.loads((out / "fit.json").read_text())
     cands = summary["candidates"]
     assert [(c["rung"], c["epochs"], c["mixup_alpha"]) for c in cands[:3]] == [
-        (1, 2, 0.0),
         (1, 2, 0.2),
+        (1, 2, 0.0),
         (1, 2, 1.0),
     ]
-    rung1 = sorted(cands[:3], key=lambda c: -c["val"]["balanced_accuracy"])
+    rung1 = sorted(
+        cands[:3], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
+    )
     assert [(c["rung"], c["epochs"]) for c in cands[3:]] == [(2, 8), (2, 8)]
     assert {c["mixup_alpha"] for c in cands[3:]} == {c["mixup_alpha"] for c in rung1[:2]}
     best = max(c["val"]["balanced_accuracy"] for c in cands)
@@ -161,12 +186,15 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     assert sum(bundle["data"]["train_counts"]) == sum(sizes.values()) == 78
     assert bundle["refit"] and bundle["recipe"] == chosen["name"]
     refit = json.loads((out / "run" / "results.json").read_text())
-    assert list(refit["methods"]) == [bundle["method"]] or bundle["method"] == "srepr"
+    method = bundle["method"]
+    assert method in ("tau", "logit_adjust") and list(refit["methods"]) == [method]
     sel = json.loads((out / "search" / chosen["name"] / "results.json").read_text())
-    info = sel["methods"][bundle["method"]].get("info", {})
-    for key in ("tau", "alpha"):  # a value chosen on validation is pinned, not re-chosen
-        if key in info:
-            assert refit["methods"][bundle["method"]]["info"][key] == info[key]
+    tau = sel["methods"][method]["info"]["tau"]
+    grid = "tau_grid" if method == "tau" else "logit_adjust_grid"
+    assert bundle["pins"] == summary["pins"] == [f"stage2.{grid}=[{tau!r}]"]
+    # the re-fit did not choose on its (in-sample) validation split: one value to choose from
+    assert [r["tau"] for r in refit["methods"][method]["info"]["sweep"]] == [tau]
+    assert refit["methods"][method]["info"]["tau"] == tau
     # the temperature is the selection run's (fitted on its hold-out), not the re-fit's
     assert bundle["temperature"] == sel["methods"][bundle["method"]]["ts"]["temperature"]
 
@@ -185,12 +213,33 @@ def test_no_refit_bundles_the_selection_run(tmp_path, capsys):
     assert not (out / "run").exists() and not (out / "data-all").exists()
 
 
-@pytest.mark.parametrize("bad", ["0", "-1"])
+@pytest.mark.fashion_mnist
+def test_a_tight_budget_runs_one_candidate_and_says_so(tmp_path, capsys, monkeypatch):
+    """A budget smaller than one candidate: the plan's default (mixup 0.2) still runs, the other
+    rung-1 candidates are skipped, no long schedule; all of it printed and in fit.json."""
+    monkeypatch.setattr(search, "SHORT_MIN", 2)
+    monkeypatch.setattr(search, "SHORT_IMAGES", 1)
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[20, 12, 8], extras=False)
+    out = tmp_path / "out"
+    args = ["device=cpu", "precision=fp32", "stage2.methods=[joint,ncm]"]
+    argv = ["fit", str(tree), "--out", str(out), "--budget", "0.001", "--no-refit", *args]
+    code, text, err = run_main(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "fit.json").read_text())
+    assert [c["name"] for c in summary["candidates"]] == ["mixup0.2-e2"]
+    assert summary["skipped_candidates"] == ["mixup0-e2", "mixup1-e2"]
+    assert summary["searched"] == []  # nothing was compared
+    assert "note: the budget (0.001 min) is smaller than one candidate" in text
+    assert "budget: candidate mixup0-e2 skipped" in text and "budget: no long schedule" in text
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])
 def test_budget_must_be_positive(tmp_path, capsys, bad):
     code, _, err = run_main(
         ["fit", str(tmp_path), "--out", str(tmp_path / "o"), "--budget", bad], capsys
     )
-    assert code == 2 and f"--budget {float(bad):g}" in err
+    assert code == 2 and f"--budget {float(bad):g}:" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -216,8 +265,10 @@ def test_fit_and_classify_packages_do_not_load_the_training_loop():
 def test_old_import_path_names_the_new_one():
     import longtail.fit
 
-    with pytest.raises(AttributeError, match="from longtail.fitting import fit"):
+    with pytest.raises(ImportError, match="from longtail.fitting import fit"):
         longtail.fit.fit  # noqa: B018
+    with pytest.raises(ImportError, match="moved to longtail.fitting.fit"):
+        from longtail.fit import fit  # noqa: F401
 
 
 def test_leak_check_passes_only_splits_declared_part_of_training(tmp_path):

@@ -223,7 +223,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
         f"chosen: recipe {r.recipe.name}, method {r.chosen.name}; held-out test accuracy "
         f"{100 * m['accuracy']:.2f}% (balanced {100 * m['balanced_accuracy']:.2f}%), NLL "
         f"{m['nll_ts']:.3f} calibrated (selection run"
-        + ("; the bundle is re-fitted on every labelled image)" if r.refit else ")")
+        + ("; the bundle is its re-fit on more images, see fit.json)" if r.refit else ")")
     )
     print(f"bundle: {r.bundle.dir}")
     return 0

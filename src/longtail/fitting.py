@@ -25,6 +25,7 @@ the only part of ``fit`` that runs training. Every run directory it makes is an 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from collections.abc import Callable
@@ -49,7 +50,6 @@ from longtail.fit.ingest import UserData, pooled_for_refit, read_user_data, save
 from longtail.fit.plan import InputPlan, recipe, recipe_summary
 from longtail.fit.search import (
     MIXUP_GRID,
-    SURVIVORS,
     Candidate,
     bootstrap_gaps,
     candidate_name,
@@ -162,7 +162,8 @@ def _config(
     given: DictConfig,
 ) -> DictConfig:
     """One candidate's full config: the plan's recipe for ``n_train`` images, ``epochs`` and
-    ``mixup_alpha``, the user's overrides on top; validated as stage 1 will (nothing written)."""
+    ``mixup_alpha``, the user's overrides on top (``epochs`` last: ``--epochs`` wins over an
+    ``optim.epochs`` override); validated as stage 1 will (nothing written)."""
     plan: InputPlan = data.plan
     base = recipe(
         n_train,
@@ -179,7 +180,7 @@ def _config(
         "padding": max(1, round(plan.size / 8)),
     }
     base["model"] = {"name": plan.model, "weights_path": plan.weights_path}
-    cfg = load_config(None, overrides, base=base)
+    cfg = load_config(None, [*overrides, f"optim.epochs={epochs}"], base=base)
     cfg.stage2.calibrate = True  # fit always calibrates on validation (a note says so)
     swa_collect_from(cfg)  # swa.start / anneal_epochs against the epochs
     check_batch_size(cfg.optim.batch_size, world_size_from_env(), n_train)  # stage 1's check
@@ -188,13 +189,16 @@ def _config(
 
 @dataclass
 class _Selection:
-    """The best candidate so far, with what bundling it needs."""
+    """One candidate's run: its config, its scored methods, and (for the best so far only)
+    its stage 2, which bundling needs; the others' are released."""
 
     candidate: Candidate
-    stage2: Stage2
+    config: DictConfig
+    stage2: Stage2 | None
     scores: list[MethodScore]
     chosen: MethodScore
     results: dict
+    val_labels: torch.Tensor
 
 
 def _deployable_methods(overrides: list[str]) -> list[str] | None:
@@ -222,11 +226,12 @@ def _run_candidate(
     t1 = time.perf_counter()
     s2 = Stage2(run_dir, log=log)
     results = s2.run(methods)
+    feats = s2.features()
     d = cfg.data
     scores = score_methods(
-        s2.heads, s2.features(), s2.counts, many=d.many_shot, few=d.few_shot, results=s2.results
+        s2.heads, feats, s2.counts, many=d.many_shot, few=d.few_shot, results=s2.results
     )
-    chosen = choose(scores, s2.features()["val"][1], seed=int(cfg.seed))
+    chosen = choose(scores, feats["val"][1], seed=int(cfg.seed))
     cand = Candidate(
         name,
         float(cfg.loss.mixup_alpha),
@@ -243,19 +248,22 @@ def _run_candidate(
         f"candidate {name}: {chosen.name}, validation balanced accuracy "
         f"{100 * cand.score:.2f} % ({cand.seconds:.0f} s)"
     )
-    return _Selection(cand, s2, scores, chosen, results)
+    return _Selection(cand, cfg, s2, scores, chosen, results, feats["val"][1])
 
 
 def _better(a: _Selection | None, b: _Selection) -> _Selection:
+    """The better of two candidates; the loser's stage 2 (model, features, banks) is freed."""
     if a is None:
         return b
-    return a if choose_candidate([a.candidate, b.candidate]) is a.candidate else b
+    win, lose = (a, b) if choose_candidate([a.candidate, b.candidate]) is a.candidate else (b, a)
+    lose.stage2 = None
+    return win
 
 
 def _bootstrap_candidates(sels: list[_Selection], best: _Selection, seed: int) -> None:
     """Fill each candidate's gap to ``best`` over the validation bootstrap."""
     preds = {s.candidate.name: s.chosen.val_pred for s in sels}
-    y = best.stage2.features()["val"][1].numpy()
+    y = best.val_labels.numpy()
     k = int(max(y.max(), *(p.max() for p in preds.values()))) + 1
     gaps = bootstrap_gaps(preds, y, k, seed=seed, best=best.candidate.name)
     for s in sels:
@@ -290,10 +298,12 @@ def fit(
         overrides: ``key=value`` config overrides, applied over the plan's choices; setting
             ``loss.mixup_alpha`` or ``optim.epochs`` takes that knob out of the search.
         strict: fail on any unreadable file instead of skipping it.
-        budget: minutes for the whole fit; the search sizes its long schedule from what its
-            first runs measured so that the search and the re-fit fit in it.
+        budget: minutes for the search and the re-fit: the search skips rung-1 candidates and
+            sizes its long schedule from what its first run measured so that both fit in it
+            (the first candidate always runs; a note says when the budget is too small).
         refit: re-train the chosen recipe and method on every labelled image (train +
-            validation + internal test) for the bundle; ``False``: bundle the selection run.
+            validation + the internal test split; not a test split you gave) for the bundle;
+            ``False``: bundle the selection run.
         log: where progress lines go.
 
     Returns:
@@ -301,14 +311,14 @@ def fit(
         to calibrated probabilities ``(B, K)``.
     """
     t0 = time.perf_counter()
+    if not (math.isfinite(budget) and budget > 0):
+        raise LongtailError(f"--budget {budget:g}: give the minutes the fit may take, a number > 0")
     deadline = t0 + 60.0 * budget
     out = Path(out).expanduser().resolve()
     overrides = list(overrides or [])
-    if budget <= 0:
-        raise LongtailError(f"--budget {budget:g}: give the minutes the fit may take, > 0")
     _check_out(out)
     # nothing is written until the whole config is resolved and checked: the overrides alone
-    # first (before the images are read), then every rung-1 candidate and the re-fit
+    # first (before the images are read), then every rung-1 candidate
     given = _resolve_overrides(overrides, out, epochs)
     epochs = epochs or _given(given, overrides, "optim.epochs")
     image_size = image_size or _given(given, overrides, "data.image_size")
@@ -333,34 +343,47 @@ def fit(
     grid = [float(user_mixup)] if user_mixup is not None else list(MIXUP_GRID)
     short = int(epochs) if epochs else short_epochs(n_train)
 
-    def config(root: Path, n: int, e: int, alpha: float) -> DictConfig:
+    def config(e: int, alpha: float) -> DictConfig:
         return _config(
-            data, root, overrides, n_train=n, epochs=e, mixup_alpha=alpha, seed=seed, given=given
+            data,
+            out / DATA,
+            overrides,
+            n_train=n_train,
+            epochs=e,
+            mixup_alpha=alpha,
+            seed=seed,
+            given=given,
         )
 
-    rung1 = {a: config(out / DATA, n_train, short, a) for a in grid}
-    if pooled:
-        config(out / REFIT_DATA, n_all, short, grid[0])
+    rung1 = {a: config(short, a) for a in grid}
     if _given(given, overrides, "stage2.calibrate") is False:
         log("note: stage2.calibrate=false ignored: fit always calibrates on validation")
-    searched = [k for k, v in (("mixup", len(grid) > 1), ("epochs", not epochs)) if v]
+    knobs = [k for k, v in (("mixup", len(grid) > 1), ("epochs", not epochs)) if v]
     log(
-        f"recipe search over {', '.join(searched) or 'nothing (both given)'}; budget "
-        f"{budget:g} min; base recipe: " + recipe_summary(rung1[grid[0]], n_train)
+        f"recipe search over {', '.join(knobs) or 'nothing (both given)'}; budget {budget:g} "
+        "min; base recipe: " + recipe_summary(rung1[grid[0]], n_train)
     )
     save_user_data(data)
 
     methods = _deployable_methods(overrides)
     done: list[_Selection] = []
+    skipped: list[str] = []
     best: _Selection | None = None
     for alpha, cfg in rung1.items():
+        name = candidate_name(alpha, short)
         if done:
             first = done[0].candidate
             refit_s = first.stage1_seconds * n_all / n_train + first.seconds - first.stage1_seconds
-            if time.perf_counter() + first.seconds + (refit_s if refit else 0) > deadline:
-                log(f"budget: candidate mixup {alpha:g} skipped (would end after the budget)")
+            if time.perf_counter() + first.seconds + (refit_s if pooled else 0) > deadline:
+                log(f"budget: candidate {name} skipped (it would end after the budget)")
+                skipped.append(name)
                 continue
-        sel = _run_candidate(cfg, out / SEARCH / candidate_name(alpha, short), 1, methods, log)
+        sel = _run_candidate(cfg, out / SEARCH / name, 1, methods, log)
+        if not done and time.perf_counter() + (sel.candidate.seconds if pooled else 0) > deadline:
+            log(
+                f"note: the budget ({budget:g} min) is smaller than one candidate "
+                f"({sel.candidate.seconds:.0f} s) and the re-fit: the fit will take longer"
+            )
         done.append(sel)
         best = _better(best, sel)
     assert best is not None
@@ -375,7 +398,7 @@ def fit(
             stage2_seconds=stage2_s,
             seconds_left=deadline - time.perf_counter(),
             survivors=len(keep),
-            refit_ratio=n_all / n_train if refit else 0.0,
+            refit_ratio=n_all / n_train if pooled else 0.0,
         )
         if e2 is None:
             log(
@@ -384,13 +407,12 @@ def fit(
             )
         else:
             log(
-                f"rung 2: {', '.join(c.name for c in keep)} (best {min(SURVIVORS, len(keep))} of "
-                f"rung 1) for {e2} epochs (measured {per_epoch:.2f} s per epoch)"
+                f"rung 2: {', '.join(c.name for c in keep)} (best {len(keep)} of rung 1) for "
+                f"{e2} epochs (measured {per_epoch:.2f} s per epoch, {stage2_s:.0f} s per stage 2)"
             )
             for c in keep:
-                cfg = config(out / DATA, n_train, e2, c.mixup_alpha)
                 run = out / SEARCH / candidate_name(c.mixup_alpha, e2)
-                sel = _run_candidate(cfg, run, 2, methods, log)
+                sel = _run_candidate(config(e2, c.mixup_alpha), run, 2, methods, log)
                 done.append(sel)
                 best = _better(best, sel)
     _bootstrap_candidates(done, best, seed)
@@ -399,26 +421,41 @@ def fit(
     log(search_table(candidates, chosen_recipe.name))
     chosen = best.chosen
     log(selection_table(best.scores, chosen.name))
+    searched = [
+        k
+        for k, v in (
+            ("mixup", len({c.mixup_alpha for c in candidates}) > 1),
+            ("epochs", len({c.epochs for c in candidates}) > 1),
+        )
+        if v
+    ]
 
+    assert best.stage2 is not None  # the best keeps its stage 2
+    infos = {n: m.info for n, m in best.stage2.results.methods.items()}
+    pins, unpinned = registry.pinned([chosen.name], infos)
     if pooled:
+        if unpinned:
+            log(
+                f"note: {', '.join(unpinned)} choose on validation and cannot be pinned: in the "
+                "re-fit they choose on images they trained on"
+            )
         save_user_data(pooled)
-        cfg = config(out / REFIT_DATA, n_all, chosen_recipe.epochs, chosen_recipe.mixup_alpha)
+        # the selection run's recipe exactly (batch, lr, weight decay, SWA), on more images
+        cfg = copy.deepcopy(best.config)
+        cfg.data.root = str(out / REFIT_DATA)
         run_dir = out / RUN
         log(
-            f"re-fit: {chosen_recipe.name} and {chosen.name} on every labelled image "
-            f"({n_all:,}) -> {run_dir}"
+            f"re-fit: {chosen_recipe.name} and {chosen.name} on {pooled.origins['train']} "
+            f"({n_all:,} images) -> {run_dir}" + (f"; pinned {', '.join(pins)}" if pins else "")
         )
         Stage1(cfg, run_dir).fit()
-        method = registry.get(chosen.name)
-        info = best.stage2.results.methods[chosen.name].info
-        pins = [f"{key}=[{info[k]}]" for k, key in method.pins if k in info]
         s2 = Stage2(run_dir, overrides=pins, log=log)
         s2.run([chosen.name])
         model, head = s2.model, s2.heads[chosen.name]
     else:
         run_dir = Path(chosen_recipe.run_dir)
         model, head = best.stage2.model, best.stage2.heads[chosen.name]
-        cfg = best.stage2.cfg
+        cfg = best.config
 
     backbone = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
     head = copy.deepcopy(head).float().cpu()
@@ -453,7 +490,8 @@ def fit(
         "temperature": chosen.temperature,
         "method": chosen.name,
         "recipe": chosen_recipe.name,
-        "refit": bool(pooled),
+        "refit": pooled is not None,
+        "pins": pins,
         "backbone": {
             "name": cfg.model.name,
             "weights": "swa",
@@ -464,13 +502,15 @@ def fit(
         "fitted on validation",
         "measured_on": measured,
         "metrics": {"validation": chosen.val, "test": chosen.test},
+        "metrics_from": "the selection run " + chosen_recipe.name + " (hold-out figures)",
         "methods": {
             s.name: {k: v for k, v in s.to_json().items() if k != "name"} for s in best.scores
         },
         "data": {
             "sizes": sizes,
             "origins": data.origins,
-            "train_counts": (pooled or data).splits["train"].counts().tolist(),
+            "train_counts": data.splits["train"].counts().tolist(),
+            "bundle_train_counts": (pooled or data).splits["train"].counts().tolist(),
             "excluded_classes": data.excluded,
             "skipped_files": len(data.skipped),
         },
@@ -488,7 +528,7 @@ def fit(
     ]
     log(
         f"bundle: {bundle.dir} (recipe {chosen_recipe.name}, method {chosen.name}, "
-        f"T = {chosen.temperature:.3g}{', re-fit on every labelled image' if pooled else ''}); "
+        f"T = {chosen.temperature:.3g}{', re-fitted' if pooled else ''}); "
         + ("; ".join(checked) or "no exported files")
     )
     html_path, _ = write_report([chosen_recipe.run_dir], out)
@@ -501,11 +541,14 @@ def fit(
         "budget_minutes": budget,
         "searched": searched,
         "candidates": [c.to_json() for c in candidates],
+        "skipped_candidates": skipped,
         "recipe": chosen_recipe.name,
-        "recipe_summary": recipe_summary(cfg, n_all),
+        "recipe_summary": recipe_summary(cfg, n_train),
         "chosen": chosen.name,
         "scores": [s.to_json() for s in best.scores],
-        "refit": bool(pooled),
+        "refit": pooled is not None,
+        "pins": pins,
+        "unpinned": unpinned if pooled else [],
         "measured_on": measured,
         "bundle": str(bundle.dir),
         "report": str(html_path),

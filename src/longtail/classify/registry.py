@@ -38,6 +38,7 @@ __all__ = [
     "find",
     "get",
     "load_plugins",
+    "pinned",
     "register",
     "resolve",
     "unregister",
@@ -128,6 +129,31 @@ def resolve(requested: Iterable[str], source: str = "") -> list[str]:
         for n in list(_METHODS) if name == "all" else [name]:
             add(n, ())
     return out
+
+
+def pinned(names: Iterable[str], infos: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """Config overrides that make ``names`` (and what they require and imply) choose again what
+    they chose on validation, without validation deciding anything.
+
+    Args:
+        names: the methods to run again (:func:`resolve` adds their ``requires`` / ``implies``).
+        infos: method name -> the ``info`` it recorded when it chose (``results.json``'s
+            ``methods.<name>.info``).
+
+    Returns:
+        ``(overrides, unpinned)``: ``key=[value]`` strings from each method's ``pins``, and the
+        methods that choose on validation (``needs_val``) but whose choice could not be pinned
+        (no ``pins``, or a pinned key missing from its ``info``): run again, they choose anew.
+    """
+    overrides: list[str] = []
+    unpinned: list[str] = []
+    for name in resolve(names):
+        m, info = get(name), infos.get(name, {})
+        found = [(k, key) for k, key in m.pins if k in info]
+        overrides += [f"{key}=[{info[k]!r}]" for k, key in found]
+        if m.needs_val and (not m.pins or len(found) < len(m.pins)):
+            unpinned.append(name)
+    return overrides, unpinned
 
 
 def without_swag(names: Iterable[str]) -> list[str]:

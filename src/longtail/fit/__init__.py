@@ -39,8 +39,8 @@ def __getattr__(name: str) -> object:
     """Import a torch-side name (``load_bundle``, ...) on first use."""
     if name in _WHERE:
         return getattr(importlib.import_module(f"longtail.fit.{_WHERE[name]}"), name)
-    if name in _MOVED:
-        raise AttributeError(
+    if name in _MOVED:  # ImportError: `from longtail.fit import fit` shows this message
+        raise ImportError(
             f"longtail.fit.{name} moved to {_MOVED[name]}.{name}: "
             f"use `from {_MOVED[name]} import {name}`"
         )

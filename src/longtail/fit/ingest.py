@@ -414,10 +414,8 @@ def pooled_for_refit(data: UserData, root: str | os.PathLike) -> UserData:
         std=data.preprocessing.std,
     )
     pooled = [w for w in ("train", "val", "test") if any(d is data.splits[w] for d in parts)]
-    origins = {
-        **data.origins,
-        "train": " + ".join(pooled) + " of the selection data (every labelled image)",
-    }
+    every = "every labelled image" if len(parts) == 3 else "every image but the test split given"
+    origins = {**data.origins, "train": " + ".join(pooled) + f" of the selection data ({every})"}
     splits = {"train": train}
     for w in ("val", "test"):  # the pooled hold-outs say so (the test-leak check lets them be)
         d = data.splits[w]

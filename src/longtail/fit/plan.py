@@ -1,7 +1,9 @@
-"""The rules ``longtail fit`` applies: input size, backbone, storage and training recipe.
+"""The rules ``longtail fit`` applies: input size, backbone, storage and the base training recipe.
 
 Every choice is a plain function of a few data statistics (image sizes and modes, the number of
 training images), so it is printed, recorded in ``fit.json`` and overridable with ``key=value``.
+``fit`` searches the epochs and the mixup strength on validation (:mod:`longtail.fit.search`)
+and passes them in; the defaults below apply to a caller of :func:`recipe` that does not.
 
 Input (:func:`plan_input`), from the median shorter side ``s`` of the training images:
 

@@ -1,7 +1,8 @@
 """Which stage-1 recipes ``longtail fit`` tries, and how it chooses among them by measurement.
 
 The recipe knobs a small long-tailed folder is most sensitive to are searched, each only when
-the user did not set it: the mixup strength (``loss.mixup_alpha`` in :data:`MIXUP_GRID`) and
+the user did not set it: the mixup strength (``loss.mixup_alpha`` in :data:`MIXUP_GRID`, 0.2
+first: the one rung-1 candidate that always runs, even when the budget leaves room for no other) and
 the schedule length (``optim.epochs``). Everything else follows :func:`longtail.fit.plan.recipe`.
 
 Successive halving within a time budget (:class:`SearchPlan`):
@@ -17,9 +18,10 @@ Successive halving within a time budget (:class:`SearchPlan`):
 A candidate's validation score is the balanced accuracy (mean of per-class accuracies) of its
 chosen stage-2 method on the validation split. How much of a difference the validation split
 can resolve is measured by a stratified paired bootstrap over its images
-(:func:`bootstrap_gaps`): each candidate's (or method's) gap to the best, mean and standard
-deviation over :data:`BOOTSTRAP` resamples. Methods use the spread to prefer the simpler one
-(:func:`longtail.fit.select.choose`); the recipe table reports it.
+(:func:`bootstrap_gaps`): each candidate's (or method's) gap to the best on the full validation
+split, and the standard deviation of that gap over :data:`BOOTSTRAP` resamples. Methods use the
+spread to prefer the simpler one (:func:`longtail.fit.select.choose`); the recipe table reports
+it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MIXUP_GRID = (0.0, 0.2, 1.0)
+MIXUP_GRID = (0.2, 0.0, 1.0)  # the plan's small-data default first: it runs even on a tight budget
 SURVIVORS = 2
 BOOTSTRAP = 1000
 SHORT_IMAGES = 40_000  # rung 1 sees about this many images
@@ -64,9 +66,12 @@ def long_epochs(
             without a re-fit.
 
     Returns:
-        ``E2 = floor((seconds_left - (survivors + 1) stage2_seconds) / (seconds_per_epoch
-        (survivors + refit_ratio)))`` capped at ``4 E1``; ``None`` when ``E2 < 1.5 E1``.
+        ``E2 = floor((seconds_left - R stage2_seconds) / (seconds_per_epoch (survivors +
+        refit_ratio)))`` with ``R = survivors + 1`` stage-2 runs (``survivors`` without a
+        re-fit), capped at ``4 E1``; ``None`` when ``E2 < 1.5 E1`` or the budget is not finite.
     """
+    if not math.isfinite(seconds_left):
+        return None
     runs = survivors + refit_ratio
     room = seconds_left - (survivors + (1 if refit_ratio else 0)) * stage2_seconds
     if runs <= 0 or seconds_per_epoch <= 0 or room <= 0:
@@ -77,9 +82,10 @@ def long_epochs(
 
 def balanced_accuracy_of(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     """Mean over the classes present in ``labels`` ``(N,)`` of the accuracy of ``pred`` ``(N,)``."""
-    present = [c for c in range(num_classes) if (labels == c).any()]
-    accs = [float((pred[labels == c] == c).mean()) for c in present]
-    return float(np.mean(accs)) if accs else float("nan")
+    n = np.bincount(labels, minlength=num_classes)
+    right = np.bincount(labels, weights=(pred == labels), minlength=num_classes)
+    present = n > 0
+    return float((right[present] / n[present]).mean()) if present.any() else float("nan")
 
 
 def bootstrap_gaps(
@@ -94,7 +100,8 @@ def bootstrap_gaps(
     """Each entry's balanced-accuracy gap to the best one, over a stratified paired bootstrap.
 
     Every resample draws, within each class, as many validation images as the class has (with
-    replacement), and scores every entry on the same images.
+    replacement), and scores every entry on the same images. The gap is the one on the full
+    validation split; the resamples give its standard deviation.
 
     Args:
         preds: name -> predicted labels ``(N,)`` on the validation images.
@@ -104,24 +111,27 @@ def bootstrap_gaps(
             validation split (the first of equals).
 
     Returns:
-        name -> (mean, standard deviation) of ``best - entry`` in balanced accuracy (fractions);
-        ``(0, 0)`` for the best itself.
+        name -> (gap, standard deviation): ``best - entry`` in balanced accuracy on the full
+        validation split and its standard deviation over the resamples (fractions); ``(0, 0)``
+        for the best itself.
     """
     names = list(preds)
+    full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
     if best is None:
-        full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
         best = max(names, key=lambda k: full[k])
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(labels == c) for c in range(num_classes)]
     members = [m for m in members if len(m)]
-    gaps = {k: np.empty(n) for k in names}
-    for i in range(n):
-        idx = np.concatenate([rng.choice(m, size=len(m)) for m in members])
-        y = labels[idx]
-        b = balanced_accuracy_of(preds[best][idx], y, num_classes)
-        for k in names:
-            gaps[k][i] = b - balanced_accuracy_of(preds[k][idx], y, num_classes)
-    return {k: (float(gaps[k].mean()), float(gaps[k].std())) for k in names}
+    correct = np.stack([(preds[k] == labels) for k in names]).astype(np.float32)  # (K, N)
+    total = np.zeros((len(names), n))  # (K, n): sum over classes of per-class accuracy
+    for m in members:  # one draw matrix per class: (n resamples, n_c images)
+        draw = m[rng.integers(0, len(m), (n, len(m)))]
+        total += correct[:, draw].mean(axis=2)
+    acc = {k: total[i] / len(members) for i, k in enumerate(names)}
+    return {
+        k: (full[best] - full[k], float((acc[best] - acc[k]).std()) if k != best else 0.0)
+        for k in names
+    }
 
 
 @dataclass
