@@ -183,7 +183,8 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     assert cfg.data.root == str(out / "data-all")
     bundle = json.loads((out / "bundle" / "bundle.json").read_text())
     sizes = bundle["data"]["sizes"]
-    assert sum(bundle["data"]["train_counts"]) == sum(sizes.values()) == 78
+    assert sum(bundle["data"]["bundle_train_counts"]) == sum(sizes.values()) == 78
+    assert sum(bundle["data"]["train_counts"]) == sizes["train"]  # the selection run's
     assert bundle["refit"] and bundle["recipe"] == chosen["name"]
     refit = json.loads((out / "run" / "results.json").read_text())
     method = bundle["method"]
