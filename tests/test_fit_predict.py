@@ -57,12 +57,12 @@ def test_fit_writes_bundle_report_and_user_dataset(fitted):
 
     gaps = {m: v["gap_to_best"] for m, v in meta["methods"].items()}
     best = max(v["val"]["balanced_accuracy"] for v in meta["methods"].values())
-    assert min(g["mean"] for g in gaps.values()) == pytest.approx(0.0, abs=1e-12)
-    assert gaps[meta["method"]]["mean"] <= gaps[meta["method"]]["std"]
+    assert min(g["gap"] for g in gaps.values()) == pytest.approx(0.0, abs=1e-12)
+    assert gaps[meta["method"]]["gap"] <= gaps[meta["method"]]["std"]
     for simpler in SIMPLER_FIRST[: SIMPLER_FIRST.index(meta["method"])]:
-        assert gaps[simpler]["mean"] > gaps[simpler]["std"], simpler
+        assert gaps[simpler]["gap"] > gaps[simpler]["std"], simpler
     chosen_val = meta["methods"][meta["method"]]["val"]["balanced_accuracy"]
-    assert best - chosen_val == pytest.approx(gaps[meta["method"]]["mean"], abs=1e-9)
+    assert best - chosen_val == pytest.approx(gaps[meta["method"]]["gap"], abs=1e-9)
     # the search tried the three mixup strengths at the given 4 epochs, then re-fitted
     summary = json.loads((out / "fit.json").read_text())
     assert [c["mixup_alpha"] for c in summary["candidates"]] == [0.2, 0.0, 1.0]

@@ -145,7 +145,7 @@ class Candidate:
             (``balanced_accuracy``, ``nll_ts``, ...; fractions, NLL in nats);
             ``test``: the same on the internal test split (reported, never used to choose).
         seconds: wall time of its stage 1 + stage 2; ``stage1_seconds``: of stage 1 alone.
-        gap: (mean, std) of the best candidate's validation balanced accuracy minus this one's
+        gap: (gap, std): the best candidate's validation balanced accuracy minus this one's
             over the bootstrap (fractions).
     """
 
@@ -179,7 +179,7 @@ class Candidate:
             "test": self.test,
             "seconds": self.seconds,
             "stage1_seconds": self.stage1_seconds,
-            "gap_to_best": {"mean": self.gap[0], "std": self.gap[1]},
+            "gap_to_best": {"gap": self.gap[0], "std": self.gap[1]},
         }
 
 

@@ -46,7 +46,7 @@ class MethodScore:
             ``brier_ts`` (after dividing the logits by ``T``); test adds ``many`` / ``medium``
             / ``few``. Fractions, NLL in nats.
         val_pred: ``(N_v,)`` predicted labels on validation (for the bootstrap; not saved).
-        gap: (mean, std) of the best method's validation balanced accuracy minus this one's
+        gap: (gap, std): the best method's validation balanced accuracy minus this one's
             over the bootstrap (fractions), set by :func:`choose`.
     """
 
@@ -64,7 +64,7 @@ class MethodScore:
             "temperature": self.temperature,
             "val": self.val,
             "test": self.test,
-            "gap_to_best": {"mean": self.gap[0], "std": self.gap[1]},
+            "gap_to_best": {"gap": self.gap[0], "std": self.gap[1]},
         }
 
 
