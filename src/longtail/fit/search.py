@@ -145,8 +145,8 @@ class Candidate:
             (``balanced_accuracy``, ``nll_ts``, ...; fractions, NLL in nats);
             ``test``: the same on the internal test split (reported, never used to choose).
         seconds: wall time of its stage 1 + stage 2; ``stage1_seconds``: of stage 1 alone.
-        gap: (gap, std): the best candidate's validation balanced accuracy minus this one's
-            over the bootstrap (fractions).
+        gap: (gap, std): the best candidate's validation balanced accuracy minus this one's on
+            the validation split, and its sd over the bootstrap (fractions).
     """
 
     name: str

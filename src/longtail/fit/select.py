@@ -46,8 +46,9 @@ class MethodScore:
             ``brier_ts`` (after dividing the logits by ``T``); test adds ``many`` / ``medium``
             / ``few``. Fractions, NLL in nats.
         val_pred: ``(N_v,)`` predicted labels on validation (for the bootstrap; not saved).
-        gap: (gap, std): the best method's validation balanced accuracy minus this one's
-            over the bootstrap (fractions), set by :func:`choose`.
+        gap: (gap, std): the best method's validation balanced accuracy minus this one's on
+            the validation split, and its sd over the bootstrap (fractions); set by
+            :func:`choose`.
     """
 
     name: str
