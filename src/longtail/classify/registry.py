@@ -150,7 +150,7 @@ def pinned(names: Iterable[str], infos: dict[str, dict]) -> tuple[list[str], lis
     for name in resolve(names):
         m, info = get(name), infos.get(name, {})
         found = [(k, key) for k, key in m.pins if k in info]
-        overrides += [f"{key}=[{info[k]!r}]" for k, key in found]
+        overrides += [f"{key}=[{float(info[k])!r}]" for k, key in found]
         if m.needs_val and (not m.pins or len(found) < len(m.pins)):
             unpinned.append(name)
     return overrides, unpinned
