@@ -17,8 +17,8 @@ import argparse
 
 import torch
 
-from longtail.io import verified_load
-from longtail.rundir import RunDir
+from longtail.core.io import verified_load
+from longtail.core.rundir import RunDir
 
 
 def per_class(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, c: int):

@@ -7,13 +7,13 @@ set -euo pipefail
 OUT=${1:-runs/bench-fmnist}
 LT=${LONGTAIL:-.venv/bin/longtail}
 PY=${PYTHON:-$(dirname "$(command -v "$LT")")/python}  # the Python that runs $LT
-# rundir RUN finished|resumable|classified: succeeds when that holds. longtail.rundir.RunDir
+# rundir RUN finished|resumable|classified: succeeds when that holds. longtail.core.rundir.RunDir
 # decides, as it does for `longtail sweep` and `longtail demo`; it alone knows the run layout.
 rundir() {
   local rc=0
   "$PY" - "$@" <<'EOF' || rc=$?
 import sys
-from longtail.rundir import RunDir
+from longtail.core.rundir import RunDir
 run, what = RunDir(sys.argv[1]), sys.argv[2]
 sys.exit(0 if (run.results_path().is_file() if what == "classified" else getattr(run, what)) else 10)
 EOF

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.core.runtime import retain_freed_memory
 from longtail.models import build_model, conv3x3
 from longtail.models.fused_bn import bn_relu
-from longtail.runtime import retain_freed_memory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import GFLOP_PER_IMAGE, matmul_peak  # noqa: E402

@@ -9,8 +9,8 @@ import statistics as st
 import sys
 from pathlib import Path
 
+from longtail.core.rundir import RunDir
 from longtail.evaluate.results import MethodResult, load_results, mean_std
-from longtail.rundir import RunDir
 
 SEEDS = (0, 1, 2)
 ROWS = [  # (label, sweep, stage-2 backbone (RunDir.results_path), method)

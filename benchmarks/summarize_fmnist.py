@@ -9,8 +9,8 @@ import argparse
 import statistics as st
 from pathlib import Path
 
+from longtail.core.rundir import RunDir
 from longtail.evaluate.results import Results, load_results, mean_std
-from longtail.rundir import RunDir
 
 SEEDS = (0, 1, 2)
 

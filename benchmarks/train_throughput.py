@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from longtail.core.runtime import cpu_supports_bf16, make_runtime
 from longtail.data.datasets import ImageDataset
 from longtail.data.loader import BatchLoader
 from longtail.models import autotune, build_model
 from longtail.models.doctor import cpu_report, matmul_peak
-from longtail.runtime import cpu_supports_bf16, make_runtime
 
 GFLOP_PER_IMAGE = 0.41
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -22,7 +22,7 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     os.environ["LONGTAIL_CACHE_DIR"] = os.path.join(out_dir, f"rank{rank}")
-    from longtail.distributed import shutdown_distributed
+    from longtail.core.distributed import shutdown_distributed
     from longtail.models import autotune
 
     a, b = torch.randn(64, 64), torch.randn(64, 64)

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longtail.core.distributed import shutdown_distributed
+from longtail.core.io import atomic_torch_save, verified_load
 from longtail.data.samplers import SAMPLERS, make_sampler
-from longtail.distributed import shutdown_distributed
-from longtail.io import atomic_torch_save, verified_load
 from longtail.train.swag import SWAG
 
 LABELS = np.repeat(np.arange(6), [300, 120, 50, 20, 8, 3])

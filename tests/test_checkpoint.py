@@ -10,10 +10,10 @@ import re
 import pytest
 import torch
 
-from longtail.errors import LongtailError
-from longtail.io import atomic_torch_save, atomic_write_bytes, verified_load
-from longtail.rundir import RunDir
-from longtail.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from longtail.core.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_torch_save, atomic_write_bytes, verified_load
+from longtail.core.rundir import RunDir
 
 
 def state(tag: int) -> dict:

@@ -15,9 +15,9 @@ from longtail.classify import methods as M
 from longtail.classify.heads import LinearHead
 from longtail.classify.run import classify
 from longtail.classify.srepr import srepr_loss
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
+from longtail.core.io import verified_load
 from longtail.evaluate.metrics import accuracy
-from longtail.io import verified_load
 
 ALL = ["joint", "ncm", "crt", "tau", "lws", "logit_adjust", "srepr", "srepr_ce", "swag_bma"]
 METRICS = ["accuracy", "many", "medium", "few", "nll", "ece", "brier", "per_class"]

@@ -22,15 +22,15 @@ from PIL import Image
 
 from longtail.classify.heads import LinearHead, head_spec
 from longtail.config import load_config
+from longtail.core.checkpoint import list_checkpoints
+from longtail.core.io import verified_load
+from longtail.core.rundir import RunDir
 from longtail.evaluate import report
 from longtail.fit.bundle import DeployedClassifier, save_bundle
 from longtail.fit.images import Preprocessing
-from longtail.io import verified_load
 from longtail.models import build_model
-from longtail.rundir import RunDir
 from longtail.sweep import run_seed
 from longtail.train import loop
-from longtail.train.checkpoint import list_checkpoints
 from longtail.train.loop import Stage1
 from test_cli import TINY_CLI, assert_one_line_error, run_main
 

@@ -9,7 +9,7 @@ import pytest
 
 import longtail
 from longtail.config import diff_configs, find_recipe, load_config
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.models import autotune, build_model
 
 SHIPPED = sorted((Path(longtail.__file__).parent / "configs").glob("*.yaml"))

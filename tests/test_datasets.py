@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,7 +29,6 @@ from longtail.data.datasets import (
 from longtail.data.loader import BatchLoader
 from longtail.data.prepare import prepare_data
 from longtail.data.user import save_user_split
-from longtail.errors import LongtailError
 
 
 # ------------------------------------------------------------------ helpers

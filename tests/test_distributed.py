@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from longtail.core.checkpoint import list_checkpoints
+from longtail.core.io import verified_load
 from longtail.data.samplers import SAMPLERS, make_sampler
-from longtail.io import verified_load
-from longtail.train.checkpoint import list_checkpoints
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -183,7 +183,7 @@ def test_shutdown_distributed_joins_every_gloo_thread(tmp_path) -> None:
     import torch.distributed as dist
     import torch.nn as nn
 
-    from longtail import distributed
+    from longtail.core import distributed
 
     torch.randn(64, 64) @ torch.randn(64, 64)  # start PyTorch's own threads first
     nn.Linear(2, 2)(torch.randn(3, 2)).sum().backward()

@@ -25,11 +25,11 @@ from fashion_images import run_main
 from longtail.classify import methods
 from longtail.classify.heads import head_spec
 from longtail.classify.srepr import train_srepr
+from longtail.core.io import verified_load
 from longtail.fit.bundle import DeployedClassifier, load_bundle, save_bundle
 from longtail.fit.export import ExportError, export_model, nonstandard_ops
 from longtail.fit.images import Preprocessing, decode, decode_array
 from longtail.fit.predict import load_classifier, predict
-from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist
 README = Path(__file__).resolve().parents[1] / "README.md"

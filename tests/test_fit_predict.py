@@ -27,12 +27,12 @@ from fashion_images import (
     run_main,
     write_tree,
 )
+from longtail.core.errors import LongtailError
+from longtail.core.io import verified_load
 from longtail.data.prepare import prepare_data
-from longtail.errors import LongtailError
 from longtail.fit.bundle import load_bundle
 from longtail.fit.images import decode
 from longtail.fit.ingest import prepare_user_data
-from longtail.io import verified_load
 
 pytestmark = pytest.mark.fashion_mnist
 

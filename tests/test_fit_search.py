@@ -277,10 +277,10 @@ def test_leak_check_passes_only_splits_declared_part_of_training(tmp_path):
     says ``in_training`` (what the re-fit writes), which survives saving and loading."""
     from dataclasses import replace
 
+    from longtail.core.errors import LongtailError
     from longtail.data.datasets import ImageDataset
     from longtail.data.prepare import prepare_data
     from longtail.data.user import save_user_split
-    from longtail.errors import LongtailError
 
     paths = [str(tmp_path / f"{i}.png") for i in range(6)]
     labels = torch.tensor([0, 0, 0, 1, 1, 1])

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import load_cifar, read_idx, read_list_file
-from longtail.errors import LongtailError
 
 # No wall-clock deadline: on a busy 2-core machine a 2 s deadline failed parses that take
 # milliseconds when quiet. Pathological inputs found by the fuzzer (a huge pickle memo) have their

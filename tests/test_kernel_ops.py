@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from longtail.errors import KernelInputError
+from longtail.core.errors import KernelInputError
 from longtail.models import conv3x3, fused_bn, kernels
 
 CL = torch.channels_last

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.models import autotune, build_model, fused_bn, kernels
 
 HERE = Path(__file__).parent
@@ -255,7 +255,7 @@ def test_stage1_records_the_choices_in_run_json(tmp_path):
     """A kernels=auto run decides (rank 0, one step of a copy) before training and writes every
     choice with both timings to run.json."""
     from longtail.config import load_config
-    from longtail.rundir import RunDir
+    from longtail.core.rundir import RunDir
     from longtail.train.loop import Stage1
 
     autotune.use_timer(scripted({"kernel": 2.0, "pytorch": 1.0}, []))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import FASHION_MNIST_ROOT, channel_stats, load_fashion_mnist
 from longtail.data.longtail import (
     imbalance_factor,
@@ -14,7 +15,6 @@ from longtail.data.longtail import (
     longtail_split,
 )
 from longtail.data.prepare import prepare_data
-from longtail.errors import LongtailError
 
 CIFAR10_TOTALS = {10: 20431, 50: 13996, 100: 12406, 200: 11203}
 CIFAR100_TOTALS = {10: 19573, 50: 12608, 100: 10847, 200: 9502}

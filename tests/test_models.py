@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.models import available_models, build_model
 
 

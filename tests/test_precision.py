@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY
 from longtail.config import load_config
-from longtail.runtime import choose_precision, cpu_supports_bf16, make_runtime
+from longtail.core.runtime import choose_precision, cpu_supports_bf16, make_runtime
 from longtail.train.loop import Stage1
 
 

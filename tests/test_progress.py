@@ -8,7 +8,7 @@ import pytest
 
 from conftest import TINY
 from longtail.config import load_config
-from longtail.progress import ENV, bars_enabled, progress
+from longtail.core.progress import ENV, bars_enabled, progress
 from longtail.train.loop import Stage1
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from longtail.cli import main
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.evaluate import plots
 from longtail.evaluate.report import FIGURE_DIR, write_report
 

@@ -18,7 +18,7 @@ import pytest
 import torch.nn.functional as F
 
 from longtail.classify.run import Stage2, results_table
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.evaluate.calibration import fit_temperature
 from longtail.evaluate.report import write_report
 from longtail.evaluate.results import (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from longtail.io import verified_load
-from longtail.train.checkpoint import list_checkpoints
+from longtail.core.checkpoint import list_checkpoints
+from longtail.core.io import verified_load
 
 SWA_START = 3  # 0-based epoch: the lr anneals to swa.lr over one epoch, then snapshots are taken
 OVERRIDES = [

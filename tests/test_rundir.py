@@ -1,4 +1,4 @@
-"""``longtail.rundir.RunDir``: the one definition of a run directory's layout and state.
+"""``longtail.core.rundir.RunDir``: the one definition of a run directory's layout and state.
 
 Runs here are the shared session runs of conftest.py (read only; copied before any change) and
 one tiny digits-LT run interrupted in its final step (test_cli.py's overrides: 2 epochs, CPU).
@@ -14,11 +14,11 @@ import pytest
 
 from longtail.classify.run import classify
 from longtail.config import load_config
-from longtail.errors import LongtailError
-from longtail.rundir import RunDir
+from longtail.core.checkpoint import save_checkpoint
+from longtail.core.errors import LongtailError
+from longtail.core.rundir import RunDir
 from longtail.sweep import run_seed
 from longtail.train import loop
-from longtail.train.checkpoint import save_checkpoint
 from test_cli import TINY_CLI, assert_one_line_error, run_main
 
 

@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from longtail.core.errors import LongtailError
 from longtail.data.samplers import SAMPLERS, class_probabilities, make_sampler
-from longtail.errors import LongtailError
 
 # a long-tailed set of N = 1393 images (odd and not a multiple of 3: sharding pads)
 COUNTS = np.array([499, 323, 209, 135, 87, 56, 36, 23, 15, 10])

@@ -19,8 +19,8 @@ from longtail.classify import methods as M
 from longtail.classify.heads import LinearHead
 from longtail.classify.run import Stage2
 from longtail.classify.srepr import bma_logits, srepr_loss, train_srepr
+from longtail.core.io import atomic_torch_save, verified_load
 from longtail.fit.select import MethodScore, choose
-from longtail.io import atomic_torch_save, verified_load
 
 QUIET = lambda *_: None  # noqa: E731
 

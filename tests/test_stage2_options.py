@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longtail.classify.run import classify, results_path
-from longtail.io import verified_load
+from longtail.core.io import verified_load
 
 
 @pytest.fixture

@@ -27,12 +27,12 @@ from longtail.classify.heads import Head, LinearHead, build_head, head_spec
 from longtail.classify.registry import Stage2Context, Stage2Method
 from longtail.classify.run import classify
 from longtail.cli import main
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
+from longtail.core.io import verified_load
 from longtail.evaluate.metrics import accuracy
 from longtail.fit.bundle import DeployedClassifier, load_bundle, save_bundle
 from longtail.fit.images import Preprocessing
 from longtail.fit.select import score_methods
-from longtail.io import verified_load
 from longtail.models import build_model
 from test_cli import run_main
 

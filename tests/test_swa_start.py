@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from longtail.config import load_config
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.train.schedules import swa_collect_from, swa_start_epoch
 
 

@@ -16,18 +16,18 @@ import torch
 
 import longtail
 from longtail.config import diff_configs, load_config
+from longtail.core.checkpoint import list_checkpoints
+from longtail.core.errors import LongtailError
+from longtail.core.io import verified_load
+from longtail.core.runtime import make_runtime
 from longtail.data.build import build_data, check_batch_size, make_loaders
 from longtail.data.loader import BatchLoader
 from longtail.data.prepare import prepare_data
 from longtail.data.samplers import make_sampler
-from longtail.errors import LongtailError
 from longtail.evaluate.metrics import accuracy
-from longtail.io import verified_load
 from longtail.models import build_model
 from longtail.models.inference import collect_outputs
-from longtail.runtime import make_runtime
 from longtail.train.bn import refresh_bn
-from longtail.train.checkpoint import list_checkpoints
 from longtail.train.loop import Stage1
 from longtail.train.schedules import lr_at
 from longtail.train.swag import flatten_parameters

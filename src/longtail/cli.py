@@ -21,8 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from longtail.core.errors import LongtailError
 from longtail.data.longtail import _check_imbalance, _check_seed
-from longtail.errors import LongtailError
 
 
 def _argtype(check):
@@ -99,7 +99,7 @@ def cmd_data_summary(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from longtail.config import load_config
-    from longtail.rundir import RunDir
+    from longtail.core.rundir import RunDir
     from longtail.train import Stage1
 
     if a.config and "=" in a.config and not Path(a.config).is_file():
@@ -133,7 +133,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_classify(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
-    from longtail.rundir import RunDir
+    from longtail.core.rundir import RunDir
 
     res = classify(a.run_dir, a.method, a.overrides)  # --method None: stage2.methods
     if not _is_main_process():
@@ -147,7 +147,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from longtail.classify.run import classify, results_table
     from longtail.config import load_config
-    from longtail.rundir import RunDir
+    from longtail.core.rundir import RunDir
     from longtail.train import Stage1
 
     out = Path(a.out)
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        from longtail.distributed import shutdown_distributed
+        from longtail.core.distributed import shutdown_distributed
 
         shutdown_distributed()
 

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 @dataclass

@@ -41,8 +41,10 @@ from longtail.classify import registry
 from longtail.classify.heads import head_spec
 from longtail.classify.run import Stage2
 from longtail.config import load_config
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_write_json
+from longtail.core.runtime import world_size_from_env
 from longtail.data.build import check_batch_size
-from longtail.errors import LongtailError
 from longtail.evaluate.report import write_report
 from longtail.fit.bundle import Bundle, DeployedClassifier, save_bundle
 from longtail.fit.images import decode
@@ -60,8 +62,6 @@ from longtail.fit.search import (
     survivors,
 )
 from longtail.fit.select import MethodScore, choose, score_methods, selection_table
-from longtail.io import atomic_write_json
-from longtail.runtime import world_size_from_env
 from longtail.train import Stage1
 from longtail.train.schedules import swa_collect_from
 

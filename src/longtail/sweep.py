@@ -1,10 +1,10 @@
 """``longtail sweep RECIPE --seeds 0 1 2``: stage 1 per seed, every stage-2 method, one table.
 
-For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done, as
-:class:`longtail.rundir.RunDir` decides); stage 2 runs on the SWA features (``results.json``) and,
-when the run has SWA, also on the features of its last iterate (``results-final.json``: the model
-at the constant SWA learning rate, not a converged SGD model) with the methods that need no SWAG
-posterior (:func:`longtail.classify.registry.without_swag`).
+For each seed the run goes to ``OUT/seed<N>`` (resumed if it was stopped, skipped if done,
+as :class:`longtail.core.rundir.RunDir` decides); stage 2 runs on the SWA features
+(``results.json``) and, when the run has SWA, also on the features of its last iterate
+(``results-final.json``: the model at the constant SWA learning rate, not a converged SGD model)
+with the methods that need no SWAG posterior (:func:`longtail.classify.registry.without_swag`).
 
 **The SGD baseline** is its own run per seed, ``OUT/seed<N>-sgd``: the same recipe with SWA off
 and the learning rate annealed to 0 (:data:`SGD_BASELINE`: a cosine schedule, which ends at 0;
@@ -23,11 +23,11 @@ from pathlib import Path
 from longtail.classify import registry
 from longtail.classify.run import CONFIG_KEY, classify
 from longtail.config import load_config
+from longtail.core.io import atomic_write_json
+from longtail.core.rundir import RunDir
 from longtail.evaluate.report import write_report
 from longtail.evaluate.results import Results, load_results, mean_std, method_names
 from longtail.evaluate.tables import Table, comparison_table, render_text
-from longtail.io import atomic_write_json
-from longtail.rundir import RunDir
 from longtail.train import Stage1
 
 SUMMARY_KEYS = ("accuracy", "many", "medium", "few", "nll", "ece", "brier")

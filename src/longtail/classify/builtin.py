@@ -17,8 +17,8 @@ from longtail.classify import methods as M
 from longtail.classify.heads import LinearHead
 from longtail.classify.interface import Stage2Context, Stage2Method
 from longtail.classify.srepr import BMAHead, train_srepr
+from longtail.core.progress import progress
 from longtail.evaluate.metrics import evaluate_logits
-from longtail.progress import progress
 
 __all__ = ["BUILTIN"]
 

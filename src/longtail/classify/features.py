@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from longtail.core.distributed import average_bn_buffers, gather_rows, world
+from longtail.core.io import atomic_torch_save, verified_load
+from longtail.core.progress import progress
+from longtail.core.runtime import Runtime
 from longtail.data.loader import BatchLoader
-from longtail.distributed import average_bn_buffers, gather_rows, world
-from longtail.io import atomic_torch_save, verified_load
 from longtail.models.inference import collect_outputs
-from longtail.progress import progress
-from longtail.runtime import Runtime
 from longtail.train.bn import refresh_bn
 from longtail.train.swag import SWAG
 

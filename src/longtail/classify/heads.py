@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longtail.classify.plugins import load_env_plugins
+from longtail.core.errors import LongtailError
 from longtail.data.samplers import make_sampler
-from longtail.errors import LongtailError
 
 _KINDS: dict[str, type[Head]] = {}
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 if TYPE_CHECKING:  # annotations only: importing this module loads no torch
     import torch

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 __all__ = ["PLUGINS_ENV", "load_env_plugins", "load_plugins"]
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from longtail.classify.builtin import BUILTIN
 from longtail.classify.interface import Stage2Context, Stage2Method
 from longtail.classify.plugins import PLUGINS_ENV, load_env_plugins, load_plugins
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 __all__ = [
     "PLUGINS_ENV",

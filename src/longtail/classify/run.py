@@ -20,17 +20,17 @@ from longtail.classify import methods as M
 from longtail.classify import registry
 from longtail.classify.features import cached, extract, swag_banks
 from longtail.classify.interface import Stage2Context, Stage2Method
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_write_json, verified_load
+from longtail.core.progress import progress
+from longtail.core.rundir import RunDir
+from longtail.core.runtime import init_distributed, make_runtime, seed_everything
 from longtail.data.build import build_data, make_loaders
-from longtail.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.results import Calibration, MethodResult, Metrics, Results
 from longtail.evaluate.tables import comparison_table, render_text
-from longtail.io import atomic_write_json, verified_load
 from longtail.models import build_model
-from longtail.progress import progress
-from longtail.rundir import RunDir
-from longtail.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.swag import SWAG
 
 CONFIG_KEY = "stage2.methods"

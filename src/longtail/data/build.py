@@ -8,10 +8,10 @@ import math
 
 from omegaconf import DictConfig
 
+from longtail.core.errors import LongtailError
+from longtail.core.runtime import Runtime
 from longtail.data.loader import BatchLoader
 from longtail.data.prepare import DataSplits, prepare_data
-from longtail.errors import LongtailError
-from longtail.runtime import Runtime
 
 
 def build_data(cfg: DictConfig) -> DataSplits:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

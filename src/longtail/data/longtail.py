@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 PROFILES = ("exp", "step")
 

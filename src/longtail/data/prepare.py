@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import _NATIVE_LT, ImageDataset, load_dataset
 from longtail.data.longtail import _check_seed, imbalance_factor, longtail_split
-from longtail.errors import LongtailError
 
 
 @dataclass

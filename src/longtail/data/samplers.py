@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 SAMPLERS = ("instance", "class_balanced", "sqrt", "q", "progressive")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import ImageDataset
-from longtail.errors import LongtailError
 from longtail.imaging import exif_orientation, pil_to_rgb  # noqa: F401 - re-exported
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import ImageDataset, register_dataset
-from longtail.errors import LongtailError
 
 FORMAT = "longtail-user-split/1"
 SPLITS = ("train", "val", "test")

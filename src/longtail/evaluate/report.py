@@ -1,8 +1,8 @@
 """``longtail report RUN_DIR [RUN_DIR ...]``: one HTML and one Markdown report of stage-2 results.
 
 Reads each run directory's ``results.json`` (written by ``longtail classify``), ``metrics.csv``,
-``run.json`` and ``config.yaml`` (written by ``longtail train``; :class:`longtail.rundir.RunDir`
-names them) and writes into the output folder
+``run.json`` and ``config.yaml`` (written by ``longtail train``;
+:class:`longtail.core.rundir.RunDir` names them) and writes into the output folder
 
 - ``report.html``: self-contained, every figure embedded as a base64 ``data:image/png`` URI, no
   script;
@@ -30,11 +30,11 @@ import numpy as np
 import yaml
 
 from longtail.classify import registry
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_write_text
+from longtail.core.rundir import RunDir
 from longtail.evaluate import plots, tables
 from longtail.evaluate.results import MethodResult, Results, load_results, mean_std, method_names
-from longtail.io import atomic_write_text
-from longtail.rundir import RunDir
 
 __all__ = ["RunData", "comparison_table", "load_run", "write_report"]
 

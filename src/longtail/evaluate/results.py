@@ -3,7 +3,7 @@
 Stage 2 (:mod:`longtail.classify.run`) builds a :class:`Results` and writes
 :meth:`Results.to_json`; ``longtail report``, ``longtail sweep``, ``longtail fit`` and the
 benchmark summarizers read it back with :func:`load_results` (or :meth:`Results.from_json`).
-This module is the one place that knows the file's keys; :class:`longtail.rundir.RunDir` is the
+This module is the one place that knows the file's keys; :class:`longtail.core.rundir.RunDir` is the
 one place that knows its name.
 
 One file::
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longtail.errors import LongtailError
-from longtail.rundir import RunDir
+from longtail.core.errors import LongtailError
+from longtail.core.rundir import RunDir
 
 __all__ = [
     "SCHEMA_VERSION",

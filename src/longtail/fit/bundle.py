@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from longtail.classify.heads import build_head
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_torch_save, atomic_write_json
 from longtail.fit.export import FILES, export_model
 from longtail.fit.images import (
     BUNDLE_JSON,
@@ -45,7 +46,6 @@ from longtail.fit.images import (
     find_bundle,
     list_image_inputs,
 )
-from longtail.io import atomic_torch_save, atomic_write_json
 from longtail.models import build_model
 
 FORMAT = "longtail-bundle/1"

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_write_bytes
 from longtail.fit.onnx_runtime import run_batched
-from longtail.io import atomic_write_bytes
 
 FILES = {"onnx": "model.onnx", "pt2": "model.pt2", "torchscript": "model.ts"}
 TOLERANCE = 1e-4  # max abs probability difference, fp32

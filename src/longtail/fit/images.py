@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import numpy as np
 from PIL import Image
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.imaging import exif_orientation, pil_to_rgb
 
 if TYPE_CHECKING:

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from longtail.core.errors import LongtailError
 from longtail.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, channel_stats
 from longtail.data.longtail import imbalance_factor
 from longtail.data.prepare import balanced_holdout
 from longtail.data.shots import shot_splits
 from longtail.data.user import save_user_split
-from longtail.errors import LongtailError
 from longtail.fit.images import (
     BadFile,
     Header,

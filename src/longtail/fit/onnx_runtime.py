@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.fit.images import BUNDLE_JSON, BadFile, BundleMeta, decode_array, find_bundle
 
 ONNX_FILE = "model.onnx"

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.fit.images import SINGLE_CHANNEL_MODES, Header
 
 SMALL_SIDE = 64

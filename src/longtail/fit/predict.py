@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.fit.images import BadFile, list_image_inputs, parallel_map, read_header
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from longtail.classify import registry
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.results import Results

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 HEADER_PATHS = ("path", "file", "filename", "file_name", "image", "img", "filepath")
 HEADER_LABELS = ("label", "class", "target", "category", "y")

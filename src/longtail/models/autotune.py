@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.models import kernels
 
 MARGIN = 0.05  # a custom kernel must take < (1 - MARGIN) of the baseline's time

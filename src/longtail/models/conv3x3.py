@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from longtail.errors import KernelInputError
+from longtail.core.errors import KernelInputError
 from longtail.models import autotune, kernels
 from longtail.models.kernel_inputs import check, check_channels
 

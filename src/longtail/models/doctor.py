@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from longtail.core.runtime import cpu_supports_bf16
 from longtail.models import autotune, conv3x3, fused_bn, kernels
 from longtail.models.registry import build_model
-from longtail.runtime import cpu_supports_bf16
 
 ISAS = [("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX512F", "avx512f")]
 ISAS += [("AVX2", "avx2"), ("ARM NEON/ASIMD", "asimd")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from longtail.errors import KernelInputError
+from longtail.core.errors import KernelInputError
 
 CL = torch.channels_last
 

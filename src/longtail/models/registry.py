@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.models import resnet_cifar, torchvision_nets
 from longtail.models.autotune import resolve_mode
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 from longtail.models.autotune import MODES
 from longtail.models.conv3x3 import conv3x3, conv3x3_fork
 from longtail.models.fused_bn import bn_relu

@@ -1,11 +1,11 @@
-"""Stage 1: representation learning (loop, schedules, losses, SWA, SWAG, checkpoints).
+"""Stage 1: representation learning (loop, schedules, losses, SWA, SWAG).
 
 The package's entry point is :class:`Stage1` (the training loop, :mod:`longtail.train.loop`);
 code above this layer (``fit``, ``sweep``, the CLI) imports it from here. It is imported on first
 use, so ``longtail.train.bn`` or ``longtail.train.swag`` load without the loop. The plumbing
 other stages share lives below this layer: data loading in :mod:`longtail.data.build`, device
-and process facts in :mod:`longtail.runtime` and :mod:`longtail.distributed`, crash-safe files
-in :mod:`longtail.io`.
+and process facts in :mod:`longtail.core.runtime` and :mod:`longtail.core.distributed`,
+crash-safe files in :mod:`longtail.core.io`.
 """
 
 from __future__ import annotations

@@ -24,20 +24,20 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel
 
 from longtail.config import diff_configs, load_config, to_yaml
+from longtail.core.checkpoint import load_latest_checkpoint, save_checkpoint
+from longtail.core.distributed import average_bn_buffers, convert_sync_bn
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from longtail.core.progress import format_seconds, progress
+from longtail.core.rundir import RunDir
+from longtail.core.runtime import init_distributed, make_runtime, seed_everything
 from longtail.data.build import build_data, check_batch_size, make_loaders
 from longtail.data.loader import BatchLoader
 from longtail.data.samplers import make_sampler
-from longtail.distributed import average_bn_buffers, convert_sync_bn
-from longtail.errors import LongtailError
 from longtail.evaluate.metrics import evaluate_logits
-from longtail.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from longtail.models import autotune, build_model
 from longtail.models.inference import collect_outputs
-from longtail.progress import format_seconds, progress
-from longtail.rundir import RunDir
-from longtail.runtime import init_distributed, make_runtime, seed_everything
 from longtail.train.bn import refresh_bn
-from longtail.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from longtail.train.losses import make_loss, mixup
 from longtail.train.schedules import lr_at, swa_collect_from, swa_start_epoch
 from longtail.train.swag import SWAG

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

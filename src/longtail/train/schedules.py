@@ -6,7 +6,7 @@ import math
 
 from omegaconf import DictConfig
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 def lr_at(

@@ -1,7 +1,7 @@
-"""Training checkpoints: written atomically with a checksum (see :mod:`longtail.io`).
+"""Training checkpoints: written atomically with a checksum (see :mod:`longtail.core.io`).
 
 Checkpoints are ``ckpt-<epoch>-<step>.pt`` in the run directory (named by
-:class:`longtail.rundir.RunDir`), each with a ``.sha256`` beside it; the newest two are kept. A
+:class:`longtail.core.rundir.RunDir`), each with a ``.sha256`` beside it; the newest two are kept. A
 truncated or corrupt file is detected and the previous one named.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from longtail.errors import LongtailError
-from longtail.io import atomic_torch_save, verified_load
-from longtail.rundir import RunDir
+from longtail.core.errors import LongtailError
+from longtail.core.io import atomic_torch_save, verified_load
+from longtail.core.rundir import RunDir
 
 KEEP = 2
 

@@ -15,8 +15,8 @@
 
 Every other module asks :class:`RunDir` for these paths, and for whether a run is
 :attr:`~RunDir.finished` or :attr:`~RunDir.resumable`, instead of spelling the names itself.
-This module sits at the bottom of the package, beside :mod:`longtail.io` and
-:mod:`longtail.errors`: it imports nothing from ``train``, ``classify`` or ``evaluate``.
+This module sits at the bottom of the package, beside :mod:`longtail.core.io` and
+:mod:`longtail.core.errors`: it imports nothing from ``train``, ``classify`` or ``evaluate``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from longtail.config import load_config
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 __all__ = ["RunDir"]
 

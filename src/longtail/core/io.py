@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

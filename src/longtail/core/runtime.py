@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from longtail.errors import LongtailError
+from longtail.core.errors import LongtailError
 
 
 @dataclass
