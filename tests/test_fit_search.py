@@ -28,7 +28,7 @@ from longtail.fit.search import (
     short_epochs,
     survivors,
 )
-from longtail.fit.select import MethodScore, choose
+from longtail.fit.select import MethodScore, choose, score_methods
 
 
 def test_short_schedule_sees_about_40k_images_within_bounds():
@@ -94,6 +94,52 @@ def test_choose_prefers_the_simpler_method_within_the_spread_only():
     assert choose([_score("crt", best, y), _score("joint", close, y)]).name == "crt"
 
 
+def test_validation_and_internal_test_choose_together_when_pooled():
+    """``pool_test``: every method is also scored on validation + test, its hold-out
+    predictions cover both, and the choice follows them; reported figures are unchanged."""
+    torch.manual_seed(0)
+    zv, zt = torch.randn(30, 4), torch.randn(90, 4)
+    yv, yt = torch.arange(30) % 3, torch.arange(90) % 3
+    heads = {"joint": torch.nn.Linear(4, 3), "crt": torch.nn.Linear(4, 3)}
+    feats = {"val": (zv, yv), "test": (zt, yt)}
+    counts = np.array([50, 30, 20])
+    alone = score_methods(heads, feats, counts, many=40, few=25)
+    both = score_methods(heads, feats, counts, many=40, few=25, pool_test=True)
+    y = torch.cat([yv, yt]).numpy()
+    for a, b in zip(alone, both, strict=True):
+        assert a.pooled is None and a.choice is a.val and a.holdout_pred.shape == (30,)
+        pred = heads[b.name](torch.cat([zv, zt])).argmax(1).numpy()
+        assert np.array_equal(b.holdout_pred, pred) and b.choice is b.pooled
+        assert b.pooled["balanced_accuracy"] == pytest.approx(
+            search.balanced_accuracy_of(pred, y, 3)
+        )
+        assert (b.val, b.test, b.temperature) == (a.val, a.test, a.temperature)
+        assert b.to_json()["val_and_test"] == b.pooled and "val_and_test" not in a.to_json()
+
+    # cRT: best on the 15 validation images; joint: two more validation mistakes, but right on
+    # the 45 test images where cRT errs on a third. Validation alone picks cRT; both pick joint.
+    yv, yt = np.repeat(np.arange(3), [9, 4, 2]), np.repeat(np.arange(3), [27, 12, 6])
+    crt_v, joint_v = yv.copy(), yv.copy()
+    joint_v[[0, 9]] = 1, 0
+    crt_t, joint_t = yt.copy(), yt.copy()
+    crt_t[::3] = (yt[::3] + 1) % 3
+
+    def scores(pool: bool) -> list[MethodScore]:
+        out = []
+        for name, pv, pt in (("crt", crt_v, crt_t), ("joint", joint_v, joint_t)):
+            val = {"balanced_accuracy": search.balanced_accuracy_of(pv, yv, 3), "nll_ts": 0.5}
+            both = np.concatenate([pv, pt])
+            ba = search.balanced_accuracy_of(both, np.concatenate([yv, yt]), 3)
+            pooled = {"balanced_accuracy": ba, "nll_ts": 0.5} if pool else None
+            out.append(MethodScore(name, 1.0, val, {}, both if pool else pv, pooled=pooled))
+        return out
+
+    assert choose(scores(False), yv).name == "crt"
+    pooled = scores(True)
+    assert choose(pooled, np.concatenate([yv, yt])).name == "joint"
+    assert pooled[1].gap == (0.0, 0.0) and pooled[0].gap[0] > pooled[0].gap[1]
+
+
 def test_pins_reproduce_the_validation_choices_and_name_what_cannot_be():
     from longtail.classify import registry
     from longtail.classify.interface import Stage2Method
@@ -121,6 +167,10 @@ def test_survivors_and_choice_rank_by_validation_then_epochs():
     tie = [cand("long", 0.2, 80, 0.80), cand("short", 0.2, 20, 0.80)]
     assert choose_candidate(tie).name == "short"
     assert choose_candidate([*cs, cand("d", 1.0, 80, 0.85)]).name == "d"
+    # with validation and test choosing together, their pooled figures rank, not validation's
+    e = Candidate("e", 0.0, 20, 1, val={"balanced_accuracy": 0.99, "nll_ts": 0.1})
+    e.pooled = {"balanced_accuracy": 0.60, "nll_ts": 0.9}
+    assert e.score == 0.60 and choose_candidate([*cs, e]).name == "b"
 
 
 @pytest.mark.fashion_mnist
@@ -167,15 +217,18 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
         (1, 2, 0.0),
         (1, 2, 1.0),
     ]
-    rung1 = sorted(
-        cands[:3], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
-    )
+    # the bundle re-fits on the internal test split too, so it chooses with validation
+    holdout = [c["val_and_test"] for c in cands]
+    rung1 = sorted(holdout[:3], key=lambda h: (-round(h["balanced_accuracy"], 9), h["nll_ts"]))
+    keep = {cands[holdout.index(h)]["mixup_alpha"] for h in rung1[:2]}
     assert [(c["rung"], c["epochs"]) for c in cands[3:]] == [(2, 8), (2, 8)]
-    assert {c["mixup_alpha"] for c in cands[3:]} == {c["mixup_alpha"] for c in rung1[:2]}
-    best = max(c["val"]["balanced_accuracy"] for c in cands)
+    assert {c["mixup_alpha"] for c in cands[3:]} == keep
+    best = max(h["balanced_accuracy"] for h in holdout)
     chosen = next(c for c in cands if c["name"] == summary["recipe"])
-    assert chosen["val"]["balanced_accuracy"] == best
+    assert chosen["val_and_test"]["balanced_accuracy"] == best
     assert chosen["gap_to_best"] == {"gap": 0.0, "std": 0.0}
+    assert "internal test" in summary["measured_on"]["recipe"]
+    assert all("val_and_test" in s for s in summary["scores"])
     assert "recipe search:" in text and "rung 2:" in text and "re-fit:" in text
     # the re-fit: the chosen recipe on every labelled image, the chosen method only
     cfg = load_config(out / "run" / "config.yaml")
@@ -211,6 +264,11 @@ def test_no_refit_bundles_the_selection_run(tmp_path, capsys):
     summary = json.loads((out / "fit.json").read_text())
     assert not summary["refit"] and summary["searched"] == []
     assert summary["run_dir"] == summary["selection_run_dir"] == str(out / "search" / "mixup0-e1")
+    # the internal test split is the bundle's only unseen data: it chooses nothing
+    assert (
+        "val_and_test" not in summary["candidates"][0]
+        and "test" not in summary["measured_on"]["recipe"]
+    )
     assert not (out / "run").exists() and not (out / "data-all").exists()
 
 

@@ -198,7 +198,7 @@ class _Selection:
     scores: list[MethodScore]
     chosen: MethodScore
     results: dict
-    val_labels: torch.Tensor
+    holdout_labels: torch.Tensor
 
 
 def _deployable_methods(overrides: list[str]) -> list[str] | None:
@@ -214,8 +214,11 @@ def _run_candidate(
     rung: int,
     methods: list[str] | None,
     log: Callable[[str], None],
+    *,
+    pool_test: bool,
 ) -> _Selection:
-    """Stage 1 and stage 2 of one candidate recipe; its methods scored and one chosen."""
+    """Stage 1 and stage 2 of one candidate recipe; its methods scored and one chosen (on
+    validation, or on validation and the internal test split with ``pool_test``)."""
     name = candidate_name(float(cfg.loss.mixup_alpha), int(cfg.optim.epochs))
     log(
         f"candidate {name} (rung {rung}): {cfg.optim.epochs} epochs, mixup alpha "
@@ -229,9 +232,16 @@ def _run_candidate(
     feats = s2.features()
     d = cfg.data
     scores = score_methods(
-        s2.heads, feats, s2.counts, many=d.many_shot, few=d.few_shot, results=s2.results
+        s2.heads,
+        feats,
+        s2.counts,
+        many=d.many_shot,
+        few=d.few_shot,
+        results=s2.results,
+        pool_test=pool_test,
     )
-    chosen = choose(scores, feats["val"][1], seed=int(cfg.seed))
+    y = torch.cat([feats["val"][1], feats["test"][1]]) if pool_test else feats["val"][1]
+    chosen = choose(scores, y, seed=int(cfg.seed))
     cand = Candidate(
         name,
         float(cfg.loss.mixup_alpha),
@@ -243,12 +253,13 @@ def _run_candidate(
         chosen.test,
         time.perf_counter() - t0,
         t1 - t0,
+        pooled=chosen.pooled,
     )
     log(
-        f"candidate {name}: {chosen.name}, validation balanced accuracy "
-        f"{100 * cand.score:.2f} % ({cand.seconds:.0f} s)"
+        f"candidate {name}: {chosen.name}, {'validation + test' if pool_test else 'validation'} "
+        f"balanced accuracy {100 * cand.score:.2f} % ({cand.seconds:.0f} s)"
     )
-    return _Selection(cand, cfg, s2, scores, chosen, results, feats["val"][1])
+    return _Selection(cand, cfg, s2, scores, chosen, results, y)
 
 
 def _better(a: _Selection | None, b: _Selection) -> _Selection:
@@ -261,9 +272,9 @@ def _better(a: _Selection | None, b: _Selection) -> _Selection:
 
 
 def _bootstrap_candidates(sels: list[_Selection], best: _Selection, seed: int) -> None:
-    """Fill each candidate's gap to ``best`` over the validation bootstrap."""
-    preds = {s.candidate.name: s.chosen.val_pred for s in sels}
-    y = best.val_labels.numpy()
+    """Fill each candidate's gap to ``best`` over the hold-out bootstrap."""
+    preds = {s.candidate.name: s.chosen.holdout_pred for s in sels}
+    y = best.holdout_labels.numpy()
     k = int(max(y.max(), *(p.max() for p in preds.values()))) + 1
     gaps = bootstrap_gaps(preds, y, k, seed=seed, best=best.candidate.name)
     for s in sels:
@@ -338,6 +349,8 @@ def fit(
     )
     n_train = len(data.splits["train"])
     pooled = pooled_for_refit(data, out / REFIT_DATA) if refit else None
+    # the internal test split chooses too when the bundle trains on it anyway (fit/select.py)
+    pool_test = pooled is not None and not data.origins["test"].startswith("given")
     n_all = len(pooled.splits["train"]) if pooled else n_train
     user_mixup = _given(given, overrides, "loss.mixup_alpha")
     grid = [float(user_mixup)] if user_mixup is not None else list(MIXUP_GRID)
@@ -378,7 +391,7 @@ def fit(
                 log(f"budget: candidate {name} skipped (it would end after the budget)")
                 skipped.append(name)
                 continue
-        sel = _run_candidate(cfg, out / SEARCH / name, 1, methods, log)
+        sel = _run_candidate(cfg, out / SEARCH / name, 1, methods, log, pool_test=pool_test)
         if not done and time.perf_counter() + (sel.candidate.seconds if pooled else 0) > deadline:
             log(
                 f"note: the budget ({budget:g} min) is smaller than one candidate "
@@ -412,7 +425,9 @@ def fit(
             )
             for c in keep:
                 run = out / SEARCH / candidate_name(c.mixup_alpha, e2)
-                sel = _run_candidate(config(e2, c.mixup_alpha), run, 2, methods, log)
+                sel = _run_candidate(
+                    config(e2, c.mixup_alpha), run, 2, methods, log, pool_test=pool_test
+                )
                 done.append(sel)
                 best = _better(best, sel)
     _bootstrap_candidates(done, best, seed)
@@ -462,14 +477,23 @@ def fit(
     prep = data.preprocessing
     model = DeployedClassifier(backbone, head, chosen.temperature, prep.mean, prep.std)
     sizes = {k: len(v) for k, v in data.splits.items()}
-    trained_on_test = pooled is not None and not data.origins["test"].startswith("given")
+    holdout = (
+        f"validation + internal test splits of the selection data ({sizes['val']:,} + "
+        f"{sizes['test']:,} images)"
+        if pool_test
+        else f"validation split of the selection data ({sizes['val']:,} images)"
+    )
     measured = {
-        "recipe": f"validation split of the selection data ({sizes['val']:,} images)",
-        "method": f"validation split ({sizes['val']:,} images), run {chosen_recipe.name}",
+        "recipe": holdout,
+        "method": f"{holdout}, run {chosen_recipe.name}",
         "temperature": "the chosen method's validation predictions in the selection run",
         "test_figures": (
             f"test split ({sizes['test']:,} images, {data.origins['test']}), selection run"
-            + ("; the bundled re-fit trained on them" if trained_on_test else "")
+            + (
+                "; it chose the recipe and method too, and the re-fit trained on it"
+                if pool_test
+                else ""
+            )
         ),
         "bundle": (
             f"re-fit on {pooled.origins['train']} ({n_all:,} images)"
@@ -497,9 +521,9 @@ def fit(
             "weights": "swa",
             "pretrained": data.plan.weights_path,
         },
-        "selection": "recipe: best validation balanced accuracy; method: the simplest within one "
-        "bootstrap standard deviation of the best validation balanced accuracy; temperature "
-        "fitted on validation",
+        "selection": f"on the {'validation + internal test' if pool_test else 'validation'} "
+        "split: recipe: best balanced accuracy; method: the simplest within one bootstrap standard "
+        "deviation of the best balanced accuracy; temperature fitted on validation",
         "measured_on": measured,
         "metrics": {"validation": chosen.val, "test": chosen.test},
         "metrics_from": "the selection run " + chosen_recipe.name + " (hold-out figures)",

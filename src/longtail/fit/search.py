@@ -15,8 +15,10 @@ Successive halving within a time budget (:class:`SearchPlan`):
    the budget; at most ``4 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
 3. the candidate with the best validation score wins (:func:`choose_candidate`).
 
-A candidate's validation score is the balanced accuracy (mean of per-class accuracies) of its
-chosen stage-2 method on the validation split. How much of a difference the validation split
+A candidate's score is the balanced accuracy (mean of per-class accuracies) of its chosen
+stage-2 method on the hold-out images that choose: the validation split, or the validation and
+internal test splits together when the bundle is re-fitted on everything
+(:mod:`longtail.fit.select`, "Which images decide"). How much of a difference the validation split
 can resolve is measured by a stratified paired bootstrap over its images
 (:func:`bootstrap_gaps`): each candidate's (or method's) gap to the best on the full validation
 split, and the standard deviation of that gap over :data:`BOOTSTRAP` resamples. Methods use the
@@ -143,10 +145,11 @@ class Candidate:
         rung: 1 or 2; ``run_dir``: its run directory.
         method: its chosen stage-2 method; ``val``: that method's validation figures
             (``balanced_accuracy``, ``nll_ts``, ...; fractions, NLL in nats);
-            ``test``: the same on the internal test split (reported, never used to choose).
+            ``test``: the same on the test split.
         seconds: wall time of its stage 1 + stage 2; ``stage1_seconds``: of stage 1 alone.
-        gap: (gap, std): the best candidate's validation balanced accuracy minus this one's on
-            the validation split, and its sd over the bootstrap (fractions).
+        gap: (gap, std): the best candidate's hold-out balanced accuracy minus this one's on
+            the images that choose, and its sd over the bootstrap (fractions).
+        pooled: the figures on validation and test together when both choose, else ``None``.
     """
 
     name: str
@@ -160,11 +163,17 @@ class Candidate:
     seconds: float = 0.0
     stage1_seconds: float = 0.0
     gap: tuple[float, float] = (0.0, 0.0)
+    pooled: dict | None = None
+
+    @property
+    def choice(self) -> dict:
+        """The figures that choose: ``pooled`` when validation and test choose, else ``val``."""
+        return self.pooled if self.pooled is not None else self.val
 
     @property
     def score(self) -> float:
-        """Validation balanced accuracy of the chosen method (a fraction)."""
-        return float(self.val.get("balanced_accuracy", float("nan")))
+        """Hold-out balanced accuracy of the chosen method (a fraction; :attr:`choice`)."""
+        return float(self.choice.get("balanced_accuracy", float("nan")))
 
     def to_json(self) -> dict:
         """A JSON-ready dict."""
@@ -180,6 +189,7 @@ class Candidate:
             "seconds": self.seconds,
             "stage1_seconds": self.stage1_seconds,
             "gap_to_best": {"gap": self.gap[0], "std": self.gap[1]},
+            **({"val_and_test": self.pooled} if self.pooled is not None else {}),
         }
 
 
@@ -189,31 +199,39 @@ def candidate_name(mixup_alpha: float, epochs: int) -> str:
 
 
 def survivors(candidates: list[Candidate], k: int = SURVIVORS) -> list[Candidate]:
-    """The ``k`` best by validation score (ties: lower calibrated validation NLL)."""
-    order = sorted(candidates, key=lambda c: (-round(c.score, 9), c.val.get("nll_ts", 0.0)))
+    """The ``k`` best by hold-out score (ties: lower calibrated hold-out NLL)."""
+    order = sorted(candidates, key=lambda c: (-round(c.score, 9), c.choice.get("nll_ts", 0.0)))
     return order[:k]
 
 
 def choose_candidate(candidates: list[Candidate]) -> Candidate:
-    """The best validation score; ties (to 1e-9) go to fewer epochs, then lower NLL."""
-    return min(candidates, key=lambda c: (-round(c.score, 9), c.epochs, c.val.get("nll_ts", 0.0)))
+    """The best hold-out score; ties (to 1e-9) go to fewer epochs, then lower NLL."""
+    return min(
+        candidates, key=lambda c: (-round(c.score, 9), c.epochs, c.choice.get("nll_ts", 0.0))
+    )
 
 
 def search_table(candidates: list[Candidate], chosen: str) -> str:
-    """One line per candidate: rung, epochs, mixup, method, validation and test figures."""
+    """One line per candidate: rung, method, validation, test and choosing figures, seconds."""
+    pooled = all(c.pooled is not None for c in candidates)
+    on = "validation + internal test (v+t)" if pooled else "validation"
     lines = [
-        "recipe search: validation (choice) and internal test (report only); % and nats; gap: "
-        "best - this over the validation bootstrap",
-        f"{'candidate':<18} rung  {'method':<13} val bal   gap (± sd)   val NLL  test bal  seconds",
+        f"recipe search: chosen on {on}"
+        + ("" if pooled else ", test reported only")
+        + f"; % and nats; gap: best - this over the {'v+t' if pooled else 'validation'} bootstrap",
+        f"{'candidate':<18} rung  {'method':<13} val bal  test bal"
+        + ("  v+t bal" if pooled else "")
+        + "   gap (± sd)      NLL  seconds",
     ]
     for c in candidates:
         star = "*" if c.name == chosen else " "
+        vb = c.val.get("balanced_accuracy", float("nan"))
         tb = c.test.get("balanced_accuracy", float("nan"))
-        nll = c.val.get("nll_ts", float("nan"))
+        nll = c.choice.get("nll_ts", float("nan"))
         lines.append(
-            f"{c.name + star:<18} {c.rung:>4}  {c.method:<13} {100 * c.score:7.2f}  "
-            f"{100 * c.gap[0]:5.2f} ± {100 * c.gap[1]:4.2f}  {nll:7.3f}"
-            f"  {100 * tb:8.2f}  {c.seconds:7.0f}"
+            f"{c.name + star:<18} {c.rung:>4}  {c.method:<13} {100 * vb:7.2f}  {100 * tb:8.2f}"
+            + (f"  {100 * c.score:7.2f}" if pooled else "")
+            + f"  {100 * c.gap[0]:5.2f} ± {100 * c.gap[1]:4.2f}  {nll:7.3f}  {c.seconds:7.0f}"
         )
-    lines.append(f"* chosen: {chosen} (best validation balanced accuracy)")
+    lines.append(f"* chosen: {chosen} (best {on} balanced accuracy)")
     return "\n".join(lines)

@@ -13,7 +13,15 @@ split of a few images per rare class cannot tell apart methods closer than that,
 one then carries less risk. Simplicity order (:data:`SIMPLER_FIRST`): the joint classifier, one
 post-hoc scalar (logit adjustment, then tau-normalisation), class means (NCM), re-trained
 per-class scales (LWS), a re-trained classifier (cRT, SRepr without distillation, SRepr), then
-any other method in registry order. The test split is only reported.
+any other method in registry order.
+
+**Which images decide.** By default the validation split alone, and the test split is only
+reported. When ``fit`` re-trains the bundle on every labelled image, the internal test split it
+carved out of the training folder is a second hold-out that nothing else needs, so the choice is
+made on validation and that split together (``pool_test=True`` of :func:`score_methods`): about
+four times the images of the validation split alone, so half the bootstrap spread, which matters
+most for the rare classes (a class of 20 images has 2 validation images and 4 test images). A
+test split the user gave is never used to choose.
 """
 
 from __future__ import annotations
@@ -45,28 +53,40 @@ class MethodScore:
         val, test: ``balanced_accuracy``, ``accuracy``, ``nll`` (raw), ``nll_ts``, ``ece_ts``,
             ``brier_ts`` (after dividing the logits by ``T``); test adds ``many`` / ``medium``
             / ``few``. Fractions, NLL in nats.
-        val_pred: ``(N_v,)`` predicted labels on validation (for the bootstrap; not saved).
-        gap: (gap, std): the best method's validation balanced accuracy minus this one's on
-            the validation split, and its sd over the bootstrap (fractions); set by
+        holdout_pred: ``(N_h,)`` predicted labels on the images that choose (validation, or
+            validation then test with ``pool_test``; for the bootstrap; not saved).
+        gap: (gap, std): the best method's hold-out balanced accuracy minus this one's on the
+            images that choose, and its sd over the bootstrap (fractions); set by
             :func:`choose`.
+        pooled: the same figures as ``val`` on validation and test together, when both choose
+            (``pool_test``); ``None``: validation alone chooses.
     """
 
     name: str
     temperature: float
     val: dict
     test: dict
-    val_pred: np.ndarray | None = field(default=None, repr=False)
+    holdout_pred: np.ndarray | None = field(default=None, repr=False)
     gap: tuple[float, float] = (0.0, 0.0)
+    pooled: dict | None = None
+
+    @property
+    def choice(self) -> dict:
+        """The figures that choose: ``pooled`` when validation and test choose, else ``val``."""
+        return self.pooled if self.pooled is not None else self.val
 
     def to_json(self) -> dict:
-        """A JSON-ready dict (without ``val_pred``)."""
-        return {
+        """A JSON-ready dict (without ``holdout_pred``)."""
+        out = {
             "name": self.name,
             "temperature": self.temperature,
             "val": self.val,
             "test": self.test,
             "gap_to_best": {"gap": self.gap[0], "std": self.gap[1]},
         }
+        if self.pooled is not None:
+            out["val_and_test"] = self.pooled
+        return out
 
 
 def balanced_accuracy(per_class: list[float | None]) -> float:
@@ -102,6 +122,7 @@ def score_methods(
     many: int = 100,
     few: int = 20,
     results: Results | None = None,
+    pool_test: bool = False,
 ) -> list[MethodScore]:
     """Calibrate every deployable head on validation and measure it on validation and test.
 
@@ -116,6 +137,8 @@ def score_methods(
     Raises:
         LongtailError: no validation split, no deployable head, or ``results`` without a
             temperature for a head (stage 2 ran with ``stage2.calibrate=false``).
+        pool_test: validation and test together choose (module doc): each score gets
+            ``pooled`` figures and its ``holdout_pred`` covers both (validation first).
     """
     if "val" not in feats:
         raise LongtailError("choosing a method needs a validation split")
@@ -129,8 +152,14 @@ def score_methods(
         t = fit_temperature(lv, yv) if results is None else _stage2_temperature(results, name)
         val = _figures(lv, yv, t, train_counts, many, few)
         zt, yt = feats["test"]
-        test = _figures(head(zt).float(), yt, t, train_counts, many, few)
-        scores.append(MethodScore(name, t, val, test, lv.argmax(1).numpy()))
+        lt = head(zt).float()
+        test = _figures(lt, yt, t, train_counts, many, few)
+        if pool_test:
+            lh, yh = torch.cat([lv, lt]), torch.cat([yv, yt])
+            pooled = _figures(lh, yh, t, train_counts, many, few)
+        else:
+            lh, pooled = lv, None
+        scores.append(MethodScore(name, t, val, test, lh.argmax(1).numpy(), pooled=pooled))
     if not scores:
         raise LongtailError("no deployable stage-2 method was fitted")
     return scores
@@ -158,19 +187,21 @@ def choose(
     """The simplest method within one bootstrap standard deviation of the best (module doc).
 
     Args:
-        scores: from :func:`score_methods` (with ``val_pred``).
-        labels: ``(N_v,)`` validation labels; ``None``: no bootstrap, the best validation
+        scores: from :func:`score_methods` (with ``holdout_pred``).
+        labels: ``(N_h,)`` labels of the images that choose (validation, or validation then
+            test when the scores are ``pooled``); ``None``: no bootstrap, the best hold-out
             balanced accuracy wins (ties, to 1e-9, by the lower calibrated NLL).
         seed: the bootstrap's seed.
 
     Each score's ``gap`` is filled in.
     """
-    best = max(scores, key=lambda s: (round(s.val["balanced_accuracy"], 9), -s.val["nll_ts"]))
-    if labels is None or any(s.val_pred is None for s in scores):
+    best = max(scores, key=lambda s: (round(s.choice["balanced_accuracy"], 9), -s.choice["nll_ts"]))
+    if labels is None or any(s.holdout_pred is None for s in scores):
         return best
     y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    k = int(max(y.max(), *(s.val_pred.max() for s in scores))) + 1
-    gaps = bootstrap_gaps({s.name: s.val_pred for s in scores}, y, k, seed=seed, best=best.name)
+    k = int(max(y.max(), *(s.holdout_pred.max() for s in scores))) + 1
+    preds = {s.name: s.holdout_pred for s in scores}
+    gaps = bootstrap_gaps(preds, y, k, seed=seed, best=best.name)
     for s in scores:
         s.gap = gaps[s.name]
     close = [s for s in scores if s.gap[0] <= s.gap[1]]
@@ -182,10 +213,12 @@ _SELECTION_WIDTHS = (10, 6, 8, 12, 8, 9, 9, 9, 9)
 
 def selection_table(scores: list[MethodScore], chosen: str) -> str:
     """A text table of every method's validation and test figures, the chosen one starred."""
+    pooled = all(s.pooled is not None for s in scores)
     header = [
         "method",
         "T",
         "val bal",
+        *(["v+t bal"] if pooled else []),
         "gap ± sd",
         "val NLL",
         "test acc",
@@ -198,6 +231,7 @@ def selection_table(scores: list[MethodScore], chosen: str) -> str:
             s.name + ("*" if s.name == chosen else " "),
             f"{s.temperature:.2f}",
             f"{100 * s.val['balanced_accuracy']:.2f}",
+            *([f"{100 * s.pooled['balanced_accuracy']:.2f}"] if s.pooled is not None else []),
             f"{100 * s.gap[0]:.2f} ± {100 * s.gap[1]:.2f}",
             f"{s.val['nll_ts']:.3f}",
             f"{100 * s.test['accuracy']:.2f}",
@@ -207,13 +241,16 @@ def selection_table(scores: list[MethodScore], chosen: str) -> str:
         ]
         for s in scores
     ]
-    table = render_text(Table.plain(header, rows), sep=" ", min_widths=_SELECTION_WIDTHS)
+    widths = _SELECTION_WIDTHS[:3] + ((8,) if pooled else ()) + _SELECTION_WIDTHS[3:]
+    table = render_text(Table.plain(header, rows), sep=" ", min_widths=widths)
+    on = "validation + test (v+t)" if pooled else "validation"
     return "\n".join(
         [
-            "validation (choice) and test (report only); accuracies and ECE in %, NLL after "
-            "temperature scaling",
+            f"{on} (choice)"
+            + ("" if pooled else " and test (report only)")
+            + "; accuracies and ECE in %, NLL after temperature scaling",
             table,
             f"* chosen: {chosen} (the simplest method within one bootstrap standard deviation "
-            "of the best validation balanced accuracy; gap = best - method)",
+            f"of the best {on} balanced accuracy; gap = best - method)",
         ]
     )
