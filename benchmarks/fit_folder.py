@@ -2,6 +2,7 @@
 
     python benchmarks/fit_folder.py --work /tmp/if50 --imbalance 50 --n-max 1000 --seeds 0 1 2
     python benchmarks/fit_folder.py --work /tmp/if100 --imbalance 100 --n-max 500 --seeds 0 1 2
+    python benchmarks/fit_folder.py --work /tmp/if50 --compare before after   # tables, no run
 
 Builds, per seed, what a practitioner brings to ``fit``: a folder ``train/<class>/<i>.png`` of
 Fashion-MNIST training images with a long-tailed profile (``n_c = floor(n_max * IF^(-c/9))``,
@@ -12,6 +13,9 @@ class from the Fashion-MNIST *test* set (the same for every seed). It then runs,
 --format csv``, and scores the CSV: balanced accuracy (mean of per-class accuracies), per-class
 accuracy, top-1 ECE (15 equal-width bins of the predicted probability) and the wall time of each
 command. One JSON per seed in ``--work`` and a summary (mean +- std over seeds) on stdout.
+``--compare TAG [TAG ...]`` runs nothing: it reads those JSONs and prints, per tag, the Markdown
+rows of docs/RESULTS.md (mean +- sample std over the seeds, :func:`longtail.evaluate.results.
+mean_std`; per-class accuracy; the methods chosen).
 
 The ``longtail`` that runs is the one Python imports (``PYTHONPATH=OTHER_CHECKOUT/src`` measures
 another revision with this script). Needs the Debian package ``dataset-fashion-mnist``.
@@ -35,6 +39,8 @@ from PIL import Image
 
 from longtail.data.datasets import load_fashion_mnist
 from longtail.data.longtail import longtail_counts
+from longtail.evaluate.results import mean_std
+from longtail.evaluate.tables import Table, render_markdown
 
 CLASSES = [
     "tshirt",
@@ -145,6 +151,48 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict:
     return result
 
 
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    m = mean_std(scale * v for v in values)
+    if m is None:
+        return "-"
+    return f"{m.mean:.{digits}f}" + ("" if m.std is None else f" ± {m.std:.{digits}f}")
+
+
+def compare(work: Path, tags: list[str]) -> str:
+    """Markdown tables of the saved results of ``tags`` in ``work`` (seeds in file order)."""
+    runs = {
+        t: [json.loads(f.read_text()) for f in sorted(work.glob(f"result-{t}-seed*.json"))]
+        for t in tags
+    }
+    missing = [t for t, r in runs.items() if not r]
+    if missing:
+        raise SystemExit(f"no result-<tag>-seed*.json in {work} for {', '.join(missing)}")
+    head = ["tag", "seeds", "balanced acc %", "per seed", "ECE %", "fit s", "chosen"]
+    rows = [
+        [
+            t,
+            " ".join(str(r["seed"]) for r in rs),
+            _pm([r["balanced_accuracy"] for r in rs]),
+            ", ".join(f"{100 * r['balanced_accuracy']:.2f}" for r in rs),
+            _pm([r["ece"] for r in rs]),
+            _pm([r["fit_seconds"] for r in rs], 1.0, 0),
+            ", ".join(str(r.get("chosen")) for r in rs),
+        ]
+        for t, rs in runs.items()
+    ]
+    per_class = [
+        [t] + [_pm([r["per_class"][c] for r in rs], digits=1) for c in range(len(CLASSES))]
+        for t, rs in runs.items()
+    ]
+    n = [sum(1 for _ in (work / "train-seed0" / c).iterdir()) for c in CLASSES]
+    cls = [f"{c} ({k})" for c, k in zip(CLASSES, n, strict=True)]
+    return "\n".join(
+        render_markdown(Table.plain(head, rows))
+        + ["", "per-class test accuracy %, mean ± sd over the seeds (training images, seed 0):", ""]
+        + render_markdown(Table.plain(["tag", *cls], per_class))
+    )
+
+
 def main() -> None:
     """Parse the arguments, run every seed and print the summary."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -155,7 +203,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tag", default="default", help="names this configuration's outputs")
     p.add_argument("--fit-arg", action="append", default=[], help="extra `longtail fit` argument")
+    p.add_argument("--compare", nargs="+", metavar="TAG", help="print saved results; run nothing")
     a = p.parse_args()
+    if a.compare:
+        print(compare(a.work, a.compare))
+        return
     a.work.mkdir(parents=True, exist_ok=True)
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
