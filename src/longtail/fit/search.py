@@ -9,19 +9,18 @@ Successive halving within a time budget (:class:`SearchPlan`):
 
 1. **rung 1**: every mixup strength trains the short schedule, ``E1 = clamp(ceil(40,000 / N),
    20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2;
-2. the :data:`SURVIVORS` best by validation score go on to **rung 2**, the long schedule
+2. the :data:`SURVIVORS` best by hold-out score go on to **rung 2**, the long schedule
    ``E2``, sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
    stage 2) so that rung 2 and the final re-fit on every labelled image fit in what is left of
    the budget; at most ``4 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
-3. the candidate with the best validation score wins (:func:`choose_candidate`).
+3. the candidate with the best hold-out score wins (:func:`choose_candidate`).
 
 A candidate's score is the balanced accuracy (mean of per-class accuracies) of its chosen
 stage-2 method on the hold-out images that choose: the validation split, or the validation and
 internal test splits together when the bundle is re-fitted on everything
-(:mod:`longtail.fit.select`, "Which images decide"). How much of a difference the validation split
-can resolve is measured by a stratified paired bootstrap over its images
-(:func:`bootstrap_gaps`): each candidate's (or method's) gap to the best on the full validation
-split, and the standard deviation of that gap over :data:`BOOTSTRAP` resamples. Methods use the
+(:mod:`longtail.fit.select`, "Which images decide"). How much of a difference those images
+can resolve is measured by a stratified paired bootstrap over them (:func:`bootstrap_gaps`):
+each candidate's (or method's) gap to the best on all of them, and the standard deviation of that gap over :data:`BOOTSTRAP` resamples. Methods use the
 spread to prefer the simpler one (:func:`longtail.fit.select.choose`); the recipe table reports
 it.
 """
