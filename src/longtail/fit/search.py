@@ -20,9 +20,9 @@ stage-2 method on the hold-out images that choose: the validation split, or the 
 internal test splits together when the bundle is re-fitted on everything
 (:mod:`longtail.fit.select`, "Which images decide"). How much of a difference those images
 can resolve is measured by a stratified paired bootstrap over them (:func:`bootstrap_gaps`):
-each candidate's (or method's) gap to the best on all of them, and the standard deviation of that gap over :data:`BOOTSTRAP` resamples. Methods use the
-spread to prefer the simpler one (:func:`longtail.fit.select.choose`); the recipe table reports
-it.
+each candidate's (or method's) gap to the best on all of them, and the standard deviation of
+that gap over :data:`BOOTSTRAP` resamples. Methods use the spread to prefer the simpler one
+(:func:`longtail.fit.select.choose`); the recipe table reports it.
 """
 
 from __future__ import annotations
