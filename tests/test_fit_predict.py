@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,9 @@ def test_fit_prints_profile_skipped_files_and_methods(fitted):
     for m in ("joint", "ncm", "crt", "tau", "lws", "srepr", "srepr_ce"):
         assert f"\n{m}" in text
     assert "* chosen:" in text and "bundle:" in text
+    # the chosen method measured again with mirror averaging, and the verdict
+    verdict = r"mirror averaging \(\w+\): hold-out balanced accuracy [\d.]+ -> [\d.]+ %"
+    assert re.search(verdict, text)
 
 
 def test_predict_folder_beats_chance_and_torchscript_matches(fitted, capsys):
@@ -224,7 +228,10 @@ def test_bundle_is_the_chosen_head_on_the_stage2_features(fitted):
     val = torch.load(fitted.out / "data" / "val.pt", weights_only=True)
     x = val["images"].float() / 255
     with torch.no_grad():
-        want = torch.softmax(bundle.model.head(zv) / bundle.meta["temperature"], dim=1)
+        m = bundle.model
+        if m.mirror:  # the hold-out chose mirror averaging: the mirror images' features too
+            zv = 0.5 * (zv + m.backbone.features(((x - m.mean) / m.std).flip(3)))
+        want = torch.softmax(m.head(zv) / bundle.meta["temperature"], dim=1)
         got = bundle.probabilities(x)
     assert (got - want).abs().max().item() < 1e-4
 

@@ -28,7 +28,7 @@ from longtail.fit.search import (
     short_epochs,
     survivors,
 )
-from longtail.fit.select import MethodScore, choose, score_methods
+from longtail.fit.select import MethodScore, choose, choose_mirror, score_methods
 
 
 def test_short_schedule_sees_about_40k_images_within_bounds():
@@ -140,6 +140,23 @@ def test_validation_and_internal_test_choose_together_when_pooled():
     assert pooled[1].gap == (0.0, 0.0) and pooled[0].gap[0] > pooled[0].gap[1]
 
 
+def test_mirror_averaging_is_kept_only_when_the_hold_out_says_so():
+    """Higher hold-out balanced accuracy wins; at equal accuracy the lower calibrated NLL;
+    the figures compared are those that choose (pooled when validation and test choose)."""
+
+    def score(val_ba: float, nll: float, pooled_ba: float | None = None) -> MethodScore:
+        pooled = None if pooled_ba is None else {"balanced_accuracy": pooled_ba, "nll_ts": nll}
+        val = {"balanced_accuracy": val_ba, "nll_ts": nll}
+        return MethodScore("ncm", 1.0, val, {}, None, pooled=pooled)
+
+    assert choose_mirror(score(0.80, 0.5), score(0.81, 0.6))
+    assert not choose_mirror(score(0.81, 0.5), score(0.80, 0.4))
+    assert choose_mirror(score(0.80, 0.5), score(0.80, 0.4))
+    assert not choose_mirror(score(0.80, 0.5), score(0.80, 0.5))
+    # validation alone would keep it; validation + test (what chooses when pooled) does not
+    assert not choose_mirror(score(0.80, 0.5, 0.85), score(0.82, 0.5, 0.84))
+
+
 def test_pins_reproduce_the_validation_choices_and_name_what_cannot_be():
     from longtail.classify import registry
     from longtail.classify.interface import Stage2Method
@@ -249,8 +266,13 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     # the re-fit did not choose on its (in-sample) validation split: one value to choose from
     assert [r["tau"] for r in refit["methods"][method]["info"]["sweep"]] == [tau]
     assert refit["methods"][method]["info"]["tau"] == tau
-    # the temperature is the selection run's (fitted on its hold-out), not the re-fit's
-    assert bundle["temperature"] == sel["methods"][bundle["method"]]["ts"]["temperature"]
+    # the temperature is the selection run's (fitted on its hold-out), not the re-fit's: stage
+    # 2's, or the one fitted on the mirror-averaged validation features when those are deployed
+    mirror = summary["mirror"]
+    assert bundle["mirror"] == mirror and bundle["spec"]["mirror"] == mirror["used"]
+    assert mirror["plain"]["temperature"] == sel["methods"][method]["ts"]["temperature"]
+    assert bundle["temperature"] == mirror["mirror" if mirror["used"] else "plain"]["temperature"]
+    assert ("mirror-averaged" in text) == mirror["used"]
 
 
 @pytest.mark.fashion_mnist

@@ -11,7 +11,9 @@
 3. re-fit: the chosen recipe and method trained again on every labelled image (train +
    validation + internal test, ``OUT/data-all``) in ``OUT/run``, with the hyper-parameters the
    selection run chose on validation pinned and its temperature (the hold-out's predictions);
-   ``refit=False`` bundles the selection run instead;
+   ``refit=False`` bundles the selection run instead; mirror averaging (each image's features
+   averaged with its left-right mirror image's) when the hold-out chose it
+   (:func:`longtail.fit.select.choose_mirror`);
 4. bundle (:mod:`longtail.fit.bundle`) in ``OUT/bundle`` with ``model.onnx`` and ``model.ts``
    (:mod:`longtail.fit.export`); ``OUT/report.html`` / ``report.md`` of the selection run
    (hold-out figures) and ``OUT/fit.json`` (every candidate, every method, and which images
@@ -61,7 +63,13 @@ from longtail.fit.search import (
     short_epochs,
     survivors,
 )
-from longtail.fit.select import MethodScore, choose, score_methods, selection_table
+from longtail.fit.select import (
+    MethodScore,
+    choose,
+    choose_mirror,
+    score_methods,
+    selection_table,
+)
 from longtail.train import Stage1
 from longtail.train.schedules import swa_collect_from
 
@@ -84,12 +92,14 @@ class FitResult:
 
     Attributes:
         out: the output folder; ``bundle``: the loaded model bundle.
-        chosen: the deployed stage-2 method; ``scores``: every deployable method's figures,
-            in the chosen recipe's selection run.
+        chosen: the deployed stage-2 method's figures and temperature (mirror-averaged when
+            ``mirror``); ``scores``: every deployable method's figures, in the chosen recipe's
+            selection run.
         data: the materialised (selection) data; ``results``: the selection run's stage-2
             ``results.json`` dict.
         candidates: every recipe the search tried; ``recipe``: the chosen one.
         refit: whether the bundle was re-trained on every labelled image.
+        mirror: whether the bundle averages each image's features with its mirror image's.
     """
 
     out: Path
@@ -101,6 +111,7 @@ class FitResult:
     candidates: list[Candidate]
     recipe: Candidate
     refit: bool
+    mirror: bool = False
 
 
 # keys `longtail fit` sets itself (the user dataset it materialises in OUT/data)
@@ -281,6 +292,42 @@ def _bootstrap_candidates(sels: list[_Selection], best: _Selection, seed: int) -
         s.candidate.gap = gaps[s.candidate.name]
 
 
+def _mirror_choice(
+    best: _Selection, chosen: MethodScore, *, pool_test: bool, log: Callable[[str], None]
+) -> tuple[MethodScore, dict | None]:
+    """The chosen method scored again on mirror-averaged hold-out features, and the score to
+    deploy (:func:`longtail.fit.select.choose_mirror`) with a record for ``fit.json``;
+    ``(chosen, None)`` when stage 1 did not train on mirror images (``data.flip=false``)."""
+    if not best.config.data.flip:
+        return chosen, None
+    s2, d = best.stage2, best.config.data
+    assert s2 is not None  # the best keeps its stage 2
+    [mirrored] = score_methods(
+        {chosen.name: s2.heads[chosen.name]},
+        s2.mirror_features(),
+        s2.counts,
+        many=d.many_shot,
+        few=d.few_shot,
+        pool_test=pool_test,
+    )
+    use = choose_mirror(chosen, mirrored)
+    keys = ("balanced_accuracy", "nll_ts", "ece_ts")
+    a, b = chosen.choice, mirrored.choice
+    log(
+        f"mirror averaging ({chosen.name}): hold-out balanced accuracy "
+        f"{100 * a['balanced_accuracy']:.2f} -> {100 * b['balanced_accuracy']:.2f} %, "
+        f"calibrated NLL {a['nll_ts']:.3f} -> {b['nll_ts']:.3f}: " + ("used" if use else "not used")
+    )
+    record = {
+        "used": use,
+        "plain": {k: a[k] for k in keys} | {"temperature": chosen.temperature},
+        "mirror": {k: b[k] for k in keys} | {"temperature": mirrored.temperature},
+        "rule": "used when it raises the hold-out balanced accuracy, or keeps it and lowers "
+        "the calibrated NLL",
+    }
+    return (mirrored if use else chosen), record
+
+
 def fit(
     train: str | os.PathLike,
     out: str | os.PathLike,
@@ -446,6 +493,8 @@ def fit(
     ]
 
     assert best.stage2 is not None  # the best keeps its stage 2
+    deployed, mirror = _mirror_choice(best, chosen, pool_test=pool_test, log=log)
+    use_mirror = bool(mirror and mirror["used"])
     infos = {n: m.info for n, m in best.stage2.results.methods.items()}
     pins, unpinned = registry.pinned([chosen.name], infos)
     if pooled:
@@ -475,7 +524,9 @@ def fit(
     backbone = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
     head = copy.deepcopy(head).float().cpu()
     prep = data.preprocessing
-    model = DeployedClassifier(backbone, head, chosen.temperature, prep.mean, prep.std)
+    model = DeployedClassifier(
+        backbone, head, deployed.temperature, prep.mean, prep.std, mirror=use_mirror
+    )
     sizes = {k: len(v) for k, v in data.splits.items()}
     holdout = (
         f"validation + internal test splits of the selection data ({sizes['val']:,} + "
@@ -487,6 +538,7 @@ def fit(
         "recipe": holdout,
         "method": f"{holdout}, run {chosen_recipe.name}",
         "temperature": "the chosen method's validation predictions in the selection run",
+        "mirror": f"{holdout}, the chosen method",
         "test_figures": (
             f"test split ({sizes['test']:,} images, {data.origins['test']}), selection run"
             + (
@@ -507,12 +559,14 @@ def fit(
         "channels": prep.channels,
         "feature_dim": int(backbone.feature_dim),
         "head": head_spec(head),
+        "mirror": use_mirror,
     }
     meta = {
         "classes": data.classes,
         "preprocessing": prep.to_json(),
-        "temperature": chosen.temperature,
+        "temperature": deployed.temperature,
         "method": chosen.name,
+        "mirror": mirror,
         "recipe": chosen_recipe.name,
         "refit": pooled is not None,
         "pins": pins,
@@ -525,7 +579,7 @@ def fit(
         "split: recipe: best balanced accuracy; method: the simplest within one bootstrap standard "
         "deviation of the best balanced accuracy; temperature fitted on validation",
         "measured_on": measured,
-        "metrics": {"validation": chosen.val, "test": chosen.test},
+        "metrics": {"validation": deployed.val, "test": deployed.test},
         "metrics_from": "the selection run " + chosen_recipe.name + " (hold-out figures)",
         "methods": {
             s.name: {k: v for k, v in s.to_json().items() if k != "name"} for s in best.scores
@@ -552,8 +606,8 @@ def fit(
     ]
     log(
         f"bundle: {bundle.dir} (recipe {chosen_recipe.name}, method {chosen.name}, "
-        f"T = {chosen.temperature:.3g}{', re-fitted' if pooled else ''}); "
-        + ("; ".join(checked) or "no exported files")
+        f"T = {deployed.temperature:.3g}{', mirror-averaged' if use_mirror else ''}"
+        f"{', re-fitted' if pooled else ''}); " + ("; ".join(checked) or "no exported files")
     )
     html_path, _ = write_report([chosen_recipe.run_dir], out)
     log(f"report: {html_path} (the selection run: hold-out figures)")
@@ -569,6 +623,7 @@ def fit(
         "recipe": chosen_recipe.name,
         "recipe_summary": recipe_summary(cfg, n_train),
         "chosen": chosen.name,
+        "mirror": mirror,
         "scores": [s.to_json() for s in best.scores],
         "refit": pooled is not None,
         "pins": pins,
@@ -584,11 +639,12 @@ def fit(
     return FitResult(
         out,
         bundle,
-        chosen,
+        deployed,
         best.scores,
         data,
         best.results,
         candidates,
         chosen_recipe,
         refit=pooled is not None,
+        mirror=use_mirror,
     )

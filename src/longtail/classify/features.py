@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from longtail.core.distributed import average_bn_buffers, gather_rows, world
+from longtail.core.errors import LongtailError
 from longtail.core.io import atomic_torch_save, verified_load
 from longtail.core.progress import progress
 from longtail.core.runtime import Runtime
@@ -49,6 +50,40 @@ def extract(
             out[s] = sharded_features(model, loaders[s], rt, desc=f"features ({s})")
             if seconds is not None:
                 seconds[f"extract_{s}"] = time.perf_counter() - t0
+    return out
+
+
+class _Mirrored(nn.Module):
+    """``features(x)`` of ``model`` on the left-right mirror images ``x.flip(3)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x.flip(3))
+
+
+def mirror_averaged(
+    model: nn.Module,
+    loaders: dict[str, BatchLoader],
+    rt: Runtime,
+    plain: dict,
+    splits: tuple[str, ...] = ("val", "test"),
+) -> dict:
+    """``{split: (features (N, d), labels (N,))}``: the mean of each image's features and its
+    left-right mirror image's, for the evaluation ``splits`` that have loaders.
+
+    ``plain`` holds the un-mirrored features (:func:`extract`); only the mirror images pass
+    through ``model``.
+    """
+    mirrored = extract(_Mirrored(model), loaders, rt, splits)
+    out = {}
+    for s, (zm, y) in mirrored.items():
+        z, y0 = plain[s]
+        if not torch.equal(y, y0):
+            raise LongtailError(f"mirror features of {s!r} are not in the cached order")
+        out[s] = (0.5 * (z.float() + zm), y)
     return out
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from longtail.classify import methods as M
 from longtail.classify import registry
-from longtail.classify.features import cached, extract, swag_banks
+from longtail.classify.features import cached, extract, mirror_averaged, swag_banks
 from longtail.classify.interface import Stage2Context, Stage2Method
 from longtail.core.errors import LongtailError
 from longtail.core.io import atomic_write_json, verified_load
@@ -104,6 +104,16 @@ class Stage2:
         )
         self.timings.setdefault("features", time.perf_counter() - t0)
         return feats
+
+    def mirror_features(self) -> dict:
+        """Validation / test features averaged with their left-right mirror images'
+        (:func:`~longtail.classify.features.mirror_averaged`), cached; ``{split: (z (N, d),
+        y (N,))}``."""
+        return cached(
+            self.rundir.feature_path(f"{self.backbone}-mirror"),
+            lambda: mirror_averaged(self.model, self.loaders, self.rt, self.features()),
+            self.log,
+        )
 
     def augmented_views(self) -> torch.Tensor | None:
         v = self.cfg.stage2.aug_views

@@ -60,7 +60,9 @@ class DeployedClassifier(nn.Module):
     """SWA backbone features -> stage-2 head -> temperature, as one module.
 
     ``forward(x)``: images ``(B, C, S, S)`` float in ``[0, 1]`` -> probabilities ``(B, K)``;
-    ``logits(x)``: the calibrated logits ``head(features) / T`` ``(B, K)``.
+    ``logits(x)``: the calibrated logits ``head(features) / T`` ``(B, K)``. With ``mirror``
+    the features are the mean of the image's and its left-right mirror image's (two backbone
+    passes).
     """
 
     def __init__(
@@ -70,10 +72,12 @@ class DeployedClassifier(nn.Module):
         temperature: float,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        mirror: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.mirror = bool(mirror)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -81,7 +85,10 @@ class DeployedClassifier(nn.Module):
     @torch.jit.export
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated logits ``(B, K)`` of images ``(B, C, S, S)`` in ``[0, 1]``."""
-        z = self.backbone.features((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        z = self.backbone.features(x)
+        if self.mirror:
+            z = 0.5 * (z + self.backbone.features(x.flip(3)))
         return self.head(z).float() / self.temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +211,8 @@ def _rebuild(spec: dict, state: dict) -> DeployedClassifier:
     backbone = build_model(spec["backbone"], spec["num_classes"], spec["channels"])
     head = build_head(spec["head"], spec["num_classes"], spec["feature_dim"])
     c = spec["channels"]
-    model = DeployedClassifier(backbone, head, 1.0, (0.0,) * c, (1.0,) * c)
+    mirror = bool(spec.get("mirror", False))  # bundles before mirror averaging lack the key
+    model = DeployedClassifier(backbone, head, 1.0, (0.0,) * c, (1.0,) * c, mirror=mirror)
     model.load_state_dict(state)
     return model.eval()
 
@@ -229,7 +237,7 @@ def save_bundle(
     Args:
         model: the network (moved to the CPU in float32).
         spec: ``backbone``, ``num_classes``, ``channels``, ``feature_dim``, ``head`` (from
-            :func:`longtail.classify.heads.head_spec`).
+            :func:`longtail.classify.heads.head_spec`), ``mirror`` (bool, optional).
         meta: the JSON part (classes, preprocessing, temperature, method, metrics, ...).
 
     Raises:
