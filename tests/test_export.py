@@ -175,7 +175,8 @@ def test_bundle_with_each_head_exports_to_onnx(fitted, tmp_path, name):
     selection = Path(json.loads((fitted.out / "fit.json").read_text())["selection_run_dir"])
     head = _head(name, selection, backbone)
     prep = fit_bundle.preprocessing
-    model = DeployedClassifier(backbone, head, 1.7, prep.mean, prep.std)
+    mirror = fit_bundle.model.mirror  # as the fit chose it on its hold-out
+    model = DeployedClassifier(backbone, head, 1.7, prep.mean, prep.std, mirror=mirror)
     spec = {**fit_bundle.meta["spec"], "head": head_spec(head)}
     meta = {k: fit_bundle.meta[k] for k in ("classes", "preprocessing")}
     check = fit_bundle.check_images()
@@ -273,35 +274,38 @@ def test_pillow_preprocessing_matches_torchvision(tmp_path):
 def test_mirror_averaged_bundle_is_mirror_invariant_and_exports(fitted, tmp_path):
     """A bundle with ``mirror``: the head on the mean of the image's and its mirror image's
     features, identical for an image and its mirror image, kept through model.pt, ONNX and
-    TorchScript."""
+    TorchScript; without it, not invariant (the images are not symmetric)."""
     fit_bundle = load_bundle(fitted.out)
     m = fit_bundle.model
     prep = fit_bundle.preprocessing
-    model = DeployedClassifier(m.backbone, m.head, 1.3, prep.mean, prep.std, mirror=True)
-    spec = {**fit_bundle.meta["spec"], "mirror": True}
     meta = {k: fit_bundle.meta[k] for k in ("classes", "preprocessing")}
-    b = save_bundle(
-        tmp_path / "mirror",
-        model,
-        spec=spec,
-        meta=meta,
-        check_inputs=fit_bundle.check_images(),
-        log=print,
-    )
-    assert b.model.mirror and not fit_bundle.model.mirror
-    assert {f: r["max_abs_diff"] <= 1e-4 for f, r in b.meta["exports"].items()} == {
-        "onnx": True,
-        "torchscript": True,
-    }
-    _, x = _heldout_images(fitted, b)
+    _, x = _heldout_images(fitted, fit_bundle)
+    probs = {}
+    for mirror in (True, False):
+        model = DeployedClassifier(m.backbone, m.head, 1.3, prep.mean, prep.std, mirror=mirror)
+        b = save_bundle(
+            tmp_path / f"mirror-{mirror}",
+            model,
+            spec={**fit_bundle.meta["spec"], "mirror": mirror},
+            meta=meta,
+            check_inputs=fit_bundle.check_images(),
+            log=print,
+        )
+        assert b.model.mirror == mirror
+        assert {f: r["max_abs_diff"] <= 1e-4 for f, r in b.meta["exports"].items()} == {
+            "onnx": True,
+            "torchscript": True,
+        }
+        onnx_p = load_classifier(b.dir, "onnx").probabilities(x.flip(3).numpy())
+        probs[mirror] = b.probabilities(x), b.probabilities(x.flip(3)), onnx_p
     with torch.no_grad():
         xn = (x - m.mean) / m.std
         z = 0.5 * (m.backbone.features(xn) + m.backbone.features(xn.flip(3)))
         want = torch.softmax(m.head(z) / 1.3, dim=1)
-        got, got_mirror = b.probabilities(x), b.probabilities(x.flip(3))
+    got, got_mirror, onnx_mirror = probs[True]
     assert (got - want).abs().max().item() < 1e-5
     assert (got - got_mirror).abs().max().item() < 1e-5  # mirror-invariant
-    # the plain bundle is not (this check can fail: the images are not symmetric)
-    assert (fit_bundle.probabilities(x) - fit_bundle.probabilities(x.flip(3))).abs().max() > 1e-3
-    onnx_p = load_classifier(b.dir, "onnx").probabilities(x.flip(3).numpy())
-    assert np.abs(onnx_p - got.numpy()).max() <= 1e-4
+    assert np.abs(onnx_mirror - got.numpy()).max() <= 1e-4
+    plain, plain_mirror, onnx_plain_mirror = probs[False]
+    assert (plain - plain_mirror).abs().max().item() > 1e-3
+    assert np.abs(onnx_plain_mirror - plain_mirror.numpy()).max() <= 1e-4

@@ -141,20 +141,36 @@ def test_validation_and_internal_test_choose_together_when_pooled():
 
 
 def test_mirror_averaging_is_kept_only_when_the_hold_out_says_so():
-    """Higher hold-out balanced accuracy wins; at equal accuracy the lower calibrated NLL;
-    the figures compared are those that choose (pooled when validation and test choose)."""
+    """Kept when it loses no balanced accuracy beyond one bootstrap sd and either gains some
+    or lowers the calibrated NLL; judged on the figures that choose (pooled when pooled)."""
+    y = np.repeat(np.arange(3), [40, 20, 10])
 
-    def score(val_ba: float, nll: float, pooled_ba: float | None = None) -> MethodScore:
-        pooled = None if pooled_ba is None else {"balanced_accuracy": pooled_ba, "nll_ts": nll}
-        val = {"balanced_accuracy": val_ba, "nll_ts": nll}
-        return MethodScore("ncm", 1.0, val, {}, None, pooled=pooled)
+    def score(wrong: list[int], nll: float, pooled_nll: float | None = None) -> MethodScore:
+        pred = y.copy()
+        pred[wrong] = (y[wrong] + 1) % 3
+        ba = search.balanced_accuracy_of(pred, y, 3)
+        pooled = None if pooled_nll is None else {"balanced_accuracy": ba, "nll_ts": pooled_nll}
+        val = {"balanced_accuracy": ba, "nll_ts": nll}
+        return MethodScore("ncm", 1.0, val, {}, pred, pooled=pooled)
 
-    assert choose_mirror(score(0.80, 0.5), score(0.81, 0.6))
-    assert not choose_mirror(score(0.81, 0.5), score(0.80, 0.4))
-    assert choose_mirror(score(0.80, 0.5), score(0.80, 0.4))
-    assert not choose_mirror(score(0.80, 0.5), score(0.80, 0.5))
-    # validation alone would keep it; validation + test (what chooses when pooled) does not
-    assert not choose_mirror(score(0.80, 0.5, 0.85), score(0.82, 0.5, 0.84))
+    plain = score([0, 40, 60], 0.50)
+    # two more images right: kept though its NLL is higher
+    use, (gap, sd) = choose_mirror(plain, score([0], 0.60), y)
+    assert use and gap < 0 < sd
+    # one head-class image fewer right (0.8 points, within the spread) at a lower NLL: kept;
+    # the same accuracy loss without an NLL gain: not kept
+    use, (gap, sd) = choose_mirror(plain, score([0, 1, 40, 60], 0.45), y)
+    assert use and 0 < gap <= sd
+    assert not choose_mirror(plain, score([0, 1, 40, 60], 0.55), y)[0]
+    # half the rare class wrong (a loss the hold-out resolves), however low its NLL: not kept
+    use, (gap, sd) = choose_mirror(plain, score([0, 40, 60, 61, 62, 63, 64], 0.30), y)
+    assert not use and gap > sd
+    # the same predictions: only a lower NLL keeps it
+    assert choose_mirror(plain, score([0, 40, 60], 0.49), y)[0]
+    assert not choose_mirror(plain, score([0, 40, 60], 0.50), y)[0]
+    # pooled: the pooled NLL decides, not validation's
+    pooled = score([0, 40, 60], 0.50, pooled_nll=0.50)
+    assert not choose_mirror(pooled, score([0, 40, 60], 0.40, pooled_nll=0.55), y)[0]
 
 
 def test_pins_reproduce_the_validation_choices_and_name_what_cannot_be():

@@ -310,20 +310,25 @@ def _mirror_choice(
         few=d.few_shot,
         pool_test=pool_test,
     )
-    use = choose_mirror(chosen, mirrored)
+    use, (gap, sd) = choose_mirror(
+        chosen, mirrored, best.holdout_labels, seed=int(best.config.seed)
+    )
     keys = ("balanced_accuracy", "nll_ts", "ece_ts")
     a, b = chosen.choice, mirrored.choice
     log(
         f"mirror averaging ({chosen.name}): hold-out balanced accuracy "
-        f"{100 * a['balanced_accuracy']:.2f} -> {100 * b['balanced_accuracy']:.2f} %, "
-        f"calibrated NLL {a['nll_ts']:.3f} -> {b['nll_ts']:.3f}: " + ("used" if use else "not used")
+        f"{100 * a['balanced_accuracy']:.2f} -> {100 * b['balanced_accuracy']:.2f} % "
+        f"(bootstrap sd {100 * sd:.2f}), calibrated NLL {a['nll_ts']:.3f} -> "
+        f"{b['nll_ts']:.3f}: " + ("used" if use else "not used")
     )
     record = {
         "used": use,
         "plain": {k: a[k] for k in keys} | {"temperature": chosen.temperature},
         "mirror": {k: b[k] for k in keys} | {"temperature": mirrored.temperature},
-        "rule": "used when it raises the hold-out balanced accuracy, or keeps it and lowers "
-        "the calibrated NLL",
+        "gap": gap,
+        "gap_sd": sd,
+        "rule": "used when the hold-out balanced accuracy drops by no more than one bootstrap "
+        "sd and either rises or the calibrated NLL falls",
     }
     return (mirrored if use else chosen), record
 

@@ -59,6 +59,7 @@ class _Mirrored(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.train(model.training)  # a new Module is in training mode: it would leave model so
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.features(x.flip(3))

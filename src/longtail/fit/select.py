@@ -26,11 +26,14 @@ of 20 images has 3 validation and 4 test images). A test split the user gave nev
 **Mirror averaging.** When stage 1 trained on left-right flipped images (``data.flip``), the
 chosen method is scored a second time on features averaged over each hold-out image and its
 mirror image (one more backbone pass per prediction), with its own temperature fitted on
-validation; :func:`choose_mirror` keeps it when it raises the hold-out balanced accuracy, or
-keeps it equal and lowers the calibrated NLL. On the Fashion-MNIST folders of docs/RESULTS.md
-it added 0.3 to 0.8 points of balanced accuracy to the bundles of ``fit`` before it was a
-choice; the rule measures it on each user's own hold-out, since mirror images need not look
-like the classes they mirror (text, digits, left / right classes).
+validation; :func:`choose_mirror` keeps it when it loses no balanced accuracy the hold-out
+can resolve (its gap to the plain features within one bootstrap sd) and is better on one
+measure (a higher balanced accuracy or a lower calibrated NLL). On the Fashion-MNIST folders of
+docs/RESULTS.md it added 0.3 to 0.8 points of balanced accuracy to the bundles of ``fit`` before
+it was a choice, while 143 validation images ranked it 0.9 points *below* the plain features on
+one of them (test folder: +0.5): a strict "higher balanced accuracy" rule would follow that noise.
+The rule measures it on each user's own hold-out, since mirror images need not look like the
+classes they mirror (text, digits, left / right classes).
 """
 
 from __future__ import annotations
@@ -217,14 +220,32 @@ def choose(
     return min(close, key=lambda s: (_simplicity(s.name), s.gap[0]))
 
 
-def choose_mirror(plain: MethodScore, mirrored: MethodScore) -> bool:
-    """Whether to deploy mirror averaging (module doc): ``mirrored`` (the same head on features
-    averaged with the mirror images') has a higher hold-out balanced accuracy than ``plain``
-    (to 1e-9), or an equal one and a lower calibrated NLL. Both are scored on the same images
-    (:attr:`MethodScore.choice`)."""
-    a, b = plain.choice, mirrored.choice
-    gain = b["balanced_accuracy"] - a["balanced_accuracy"]
-    return gain > 1e-9 or (abs(gain) <= 1e-9 and b["nll_ts"] < a["nll_ts"])
+def choose_mirror(
+    plain: MethodScore, mirrored: MethodScore, labels: torch.Tensor | np.ndarray, *, seed: int = 0
+) -> tuple[bool, tuple[float, float]]:
+    """Whether to deploy mirror averaging (module doc), and the evidence.
+
+    Args:
+        plain, mirrored: the same head scored on plain and on mirror-averaged hold-out features
+            (:func:`score_methods`, with ``holdout_pred``), on the same images.
+        labels: ``(N_h,)`` labels of those images (as for :func:`choose`).
+        seed: the bootstrap's seed.
+
+    Returns:
+        ``(use, (gap, sd))``: ``gap`` = plain minus mirrored hold-out balanced accuracy
+        (fractions) and its sd over the stratified paired bootstrap
+        (:func:`longtail.fit.search.bootstrap_gaps`). ``use`` when ``gap <= sd`` (no loss the
+        hold-out can resolve) and mirror averaging is better on one measure: a higher balanced
+        accuracy, or a lower calibrated NLL (:attr:`MethodScore.choice` figures).
+    """
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    a, b = plain.holdout_pred, mirrored.holdout_pred
+    if a is None or b is None:
+        raise LongtailError("choose_mirror needs both scores' hold-out predictions")
+    k = int(max(y.max(), a.max(), b.max())) + 1
+    gap, sd = bootstrap_gaps({"plain": a, "mirror": b}, y, k, seed=seed, best="plain")["mirror"]
+    better = gap < -1e-9 or mirrored.choice["nll_ts"] < plain.choice["nll_ts"]
+    return bool(gap <= sd and better), (gap, sd)
 
 
 _SELECTION_WIDTHS = (10, 6, 8, 12, 8, 9, 9, 9, 9)
