@@ -40,15 +40,17 @@ def test_short_schedule_sees_about_40k_images_within_bounds():
 
 def test_long_schedule_fills_what_is_left_and_no_more():
     kw = dict(short=20, seconds_per_epoch=1.5, stage2_seconds=15.0, survivors=2)
-    # (750 - 3 * 15) / (1.5 * (2 + 4/3)) = 141 epochs; capped at 4 x 20
-    assert long_epochs(seconds_left=750.0, refit_ratio=4 / 3, **kw) == 80
-    # (300 - 45) / 5 = 51 epochs fit: between 1.5 x 20 and 4 x 20
+    # (750 - 3 * 15) / (1.5 * (2 + 4/3)) = 141 epochs: below the cap of 8 x 20
+    assert long_epochs(seconds_left=750.0, refit_ratio=4 / 3, **kw) == 141
+    # twice the time: (1500 - 45) / 5 = 291, capped at 8 x 20
+    assert long_epochs(seconds_left=1500.0, refit_ratio=4 / 3, **kw) == 160
+    # (300 - 45) / 5 = 51 epochs fit: between 1.5 x 20 and 8 x 20
     assert long_epochs(seconds_left=300.0, refit_ratio=4 / 3, **kw) == 51
     # fewer than 1.5 x 20 fit: no rung 2
     assert long_epochs(seconds_left=150.0, refit_ratio=4 / 3, **kw) is None
     assert long_epochs(seconds_left=10.0, refit_ratio=4 / 3, **kw) is None
-    # without a re-fit the same time buys more epochs: (300 - 30) / 3 = 90 -> 80
-    assert long_epochs(seconds_left=300.0, refit_ratio=0.0, **kw) == 80
+    # without a re-fit the same time buys more epochs: (300 - 30) / 3 = 90
+    assert long_epochs(seconds_left=300.0, refit_ratio=0.0, **kw) == 90
     assert long_epochs(seconds_left=float("inf"), refit_ratio=0.0, **kw) is None
 
 

@@ -12,7 +12,7 @@ Successive halving within a time budget (:class:`SearchPlan`):
 2. the :data:`SURVIVORS` best by hold-out score go on to **rung 2**, the long schedule
    ``E2``, sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
    stage 2) so that rung 2 and the final re-fit on every labelled image fit in what is left of
-   the budget; at most ``4 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
+   the budget; at most ``8 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
 3. the candidate with the best hold-out score wins (:func:`choose_candidate`).
 
 A candidate's score is the balanced accuracy (mean of per-class accuracies) of its chosen
@@ -37,7 +37,7 @@ SURVIVORS = 2
 BOOTSTRAP = 1000
 SHORT_IMAGES = 40_000  # rung 1 sees about this many images
 SHORT_MIN, SHORT_MAX = 20, 100  # rung 1's epochs at least / at most
-LONG_FACTOR = 4  # rung 2 trains at most this many times rung 1's epochs
+LONG_FACTOR = 8  # rung 2 trains at most this many times rung 1's epochs (module doc: why 8)
 MIN_GAIN_FACTOR = 1.5  # no rung 2 unless it can train this many times rung 1's epochs
 
 
@@ -69,7 +69,7 @@ def long_epochs(
     Returns:
         ``E2 = floor((seconds_left - R stage2_seconds) / (seconds_per_epoch (survivors +
         refit_ratio)))`` with ``R = survivors + 1`` stage-2 runs (``survivors`` without a
-        re-fit), capped at ``4 E1``; ``None`` when ``E2 < 1.5 E1`` or the budget is not finite.
+        re-fit), capped at ``8 E1``; ``None`` when ``E2 < 1.5 E1`` or the budget is not finite.
     """
     if not math.isfinite(seconds_left):
         return None
