@@ -158,6 +158,19 @@ def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{m.mean:.{digits}f}" + ("" if m.std is None else f" ± {m.std:.{digits}f}")
 
 
+def _chosen(work: Path, tag: str, result: dict) -> str:
+    """``method recipe`` of one seed's fit (``+mirror`` when the bundle averages mirror images),
+    from its fit.json; the method alone for fits without a recipe search or a fit.json."""
+    f = work / f"fit-{tag}-seed{result['seed']}" / "fit.json"
+    if not f.is_file():
+        return str(result.get("chosen"))
+    fit = json.loads(f.read_text())
+    mirror = (fit.get("mirror") or {}).get("used")
+    recipe = fit.get("recipe", "")
+    recipe = "" if " " in recipe else f" {recipe}"  # before the search: a sentence, not a name
+    return f"{fit['chosen']}{recipe}" + (" +mirror" if mirror else "")
+
+
 def compare(work: Path, tags: list[str]) -> str:
     """Markdown tables of the saved results of ``tags`` in ``work`` (seeds in file order)."""
     runs = {
@@ -176,7 +189,7 @@ def compare(work: Path, tags: list[str]) -> str:
             ", ".join(f"{100 * r['balanced_accuracy']:.2f}" for r in rs),
             _pm([r["ece"] for r in rs]),
             _pm([r["fit_seconds"] for r in rs], 1.0, 0),
-            ", ".join(str(r.get("chosen")) for r in rs),
+            ", ".join(_chosen(work, t, r) for r in rs),
         ]
         for t, rs in runs.items()
     ]
