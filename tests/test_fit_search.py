@@ -237,6 +237,7 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     cap), the best of all five re-fitted on every labelled image with its method's choice."""
     monkeypatch.setattr(search, "SHORT_MIN", 2)
     monkeypatch.setattr(search, "SHORT_IMAGES", 1)
+    monkeypatch.setattr(search, "LONG_FACTOR", 4)  # a short test; the cap's value: search.py
     tree = tmp_path / "tree"
     write_tree(tree, counts=[40, 24, 14], extras=False)
     out = tmp_path / "out"

@@ -37,7 +37,7 @@ SURVIVORS = 2
 BOOTSTRAP = 1000
 SHORT_IMAGES = 40_000  # rung 1 sees about this many images
 SHORT_MIN, SHORT_MAX = 20, 100  # rung 1's epochs at least / at most
-LONG_FACTOR = 8  # rung 2 trains at most this many times rung 1's epochs (module doc: why 8)
+LONG_FACTOR = 8  # rung 2 trains at most this many times rung 1's epochs (docs/METHODS.md: why)
 MIN_GAIN_FACTOR = 1.5  # no rung 2 unless it can train this many times rung 1's epochs
 
 
