@@ -59,7 +59,7 @@ class _Mirrored(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.train(model.training)  # a new Module is in training mode: it would leave model so
+        self.train(model.training)  # collect_outputs restores this mode onto model afterwards
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.features(x.flip(3))
