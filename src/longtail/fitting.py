@@ -286,8 +286,7 @@ def _bootstrap_candidates(sels: list[_Selection], best: _Selection, seed: int) -
     """Fill each candidate's gap to ``best`` over the hold-out bootstrap."""
     preds = {s.candidate.name: s.chosen.holdout_pred for s in sels}
     y = best.holdout_labels.numpy()
-    k = int(max(y.max(), *(p.max() for p in preds.values()))) + 1
-    gaps = bootstrap_gaps(preds, y, k, seed=seed, best=best.candidate.name)
+    gaps = bootstrap_gaps(preds, y, seed=seed, best=best.candidate.name)
     for s in sels:
         s.candidate.gap = gaps[s.candidate.name]
 

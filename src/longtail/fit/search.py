@@ -92,7 +92,7 @@ def balanced_accuracy_of(pred: np.ndarray, labels: np.ndarray, num_classes: int)
 def bootstrap_gaps(
     preds: dict[str, np.ndarray],
     labels: np.ndarray,
-    num_classes: int,
+    num_classes: int | None = None,
     *,
     n: int = BOOTSTRAP,
     seed: int = 0,
@@ -107,7 +107,7 @@ def bootstrap_gaps(
     Args:
         preds: name -> predicted labels ``(N,)`` on the validation images.
         labels: ``(N,)`` true labels.
-        num_classes: ``C``.
+        num_classes: ``C``; default one more than the largest label or prediction.
         best: the reference entry; default the highest balanced accuracy on the full
             validation split (the first of equals).
 
@@ -117,6 +117,8 @@ def bootstrap_gaps(
         for the best itself.
     """
     names = list(preds)
+    if num_classes is None:
+        num_classes = int(max(labels.max(), *(p.max() for p in preds.values()))) + 1
     full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
     if best is None:
         best = max(names, key=lambda k: full[k])

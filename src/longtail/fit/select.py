@@ -211,9 +211,8 @@ def choose(
     if labels is None or any(s.holdout_pred is None for s in scores):
         return best
     y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    k = int(max(y.max(), *(s.holdout_pred.max() for s in scores))) + 1
     preds = {s.name: s.holdout_pred for s in scores}
-    gaps = bootstrap_gaps(preds, y, k, seed=seed, best=best.name)
+    gaps = bootstrap_gaps(preds, y, seed=seed, best=best.name)
     for s in scores:
         s.gap = gaps[s.name]
     close = [s for s in scores if s.gap[0] <= s.gap[1]]
@@ -242,8 +241,7 @@ def choose_mirror(
     a, b = plain.holdout_pred, mirrored.holdout_pred
     if a is None or b is None:
         raise LongtailError("choose_mirror needs both scores' hold-out predictions")
-    k = int(max(y.max(), a.max(), b.max())) + 1
-    gap, sd = bootstrap_gaps({"plain": a, "mirror": b}, y, k, seed=seed, best="plain")["mirror"]
+    gap, sd = bootstrap_gaps({"plain": a, "mirror": b}, y, seed=seed, best="plain")["mirror"]
     better = gap < -1e-9 or mirrored.choice["nll_ts"] < plain.choice["nll_ts"]
     return bool(gap <= sd and better), (gap, sd)
 
