@@ -18,11 +18,11 @@ import torch
 
 from fashion_images import run_main, write_tree
 from longtail.config import load_config
+from longtail.evaluate.bootstrap import balanced_accuracy_of, bootstrap_gaps
 from longtail.fit import search
 from longtail.fit.ingest import pooled_for_refit, read_user_data
 from longtail.fit.search import (
     Candidate,
-    bootstrap_gaps,
     choose_candidate,
     long_epochs,
     short_epochs,
@@ -62,12 +62,12 @@ def test_bootstrap_gap_is_zero_for_the_same_predictions_and_positive_for_worse()
     gaps = bootstrap_gaps({"good": good, "copy": good.copy(), "bad": bad}, y, 4, n=300)
     assert gaps["good"] == (0.0, 0.0) and gaps["copy"] == (0.0, 0.0)
     mean, sd = gaps["bad"]
-    full = search.balanced_accuracy_of(good, y, 4) - search.balanced_accuracy_of(bad, y, 4)
+    full = balanced_accuracy_of(good, y, 4) - balanced_accuracy_of(bad, y, 4)
     assert abs(mean - full) < 0.05 and 0.0 < sd < mean  # a clear gap, resolved by 150 images
 
 
 def _score(name: str, pred: np.ndarray, y: np.ndarray) -> MethodScore:
-    bal = search.balanced_accuracy_of(pred, y, 3)
+    bal = balanced_accuracy_of(pred, y, 3)
     return MethodScore(name, 1.0, {"balanced_accuracy": bal, "nll_ts": 0.5}, {}, pred)
 
 
@@ -112,9 +112,7 @@ def test_validation_and_internal_test_choose_together_when_pooled():
         assert a.pooled is None and a.choice is a.val and a.holdout_pred.shape == (30,)
         pred = heads[b.name](torch.cat([zv, zt])).argmax(1).numpy()
         assert np.array_equal(b.holdout_pred, pred) and b.choice is b.pooled
-        assert b.pooled["balanced_accuracy"] == pytest.approx(
-            search.balanced_accuracy_of(pred, y, 3)
-        )
+        assert b.pooled["balanced_accuracy"] == pytest.approx(balanced_accuracy_of(pred, y, 3))
         assert (b.val, b.test, b.temperature) == (a.val, a.test, a.temperature)
         assert b.to_json()["val_and_test"] == b.pooled and "val_and_test" not in a.to_json()
 
@@ -129,9 +127,9 @@ def test_validation_and_internal_test_choose_together_when_pooled():
     def scores(pool: bool) -> list[MethodScore]:
         out = []
         for name, pv, pt in (("crt", crt_v, crt_t), ("joint", joint_v, joint_t)):
-            val = {"balanced_accuracy": search.balanced_accuracy_of(pv, yv, 3), "nll_ts": 0.5}
+            val = {"balanced_accuracy": balanced_accuracy_of(pv, yv, 3), "nll_ts": 0.5}
             both = np.concatenate([pv, pt])
-            ba = search.balanced_accuracy_of(both, np.concatenate([yv, yt]), 3)
+            ba = balanced_accuracy_of(both, np.concatenate([yv, yt]), 3)
             pooled = {"balanced_accuracy": ba, "nll_ts": 0.5} if pool else None
             out.append(MethodScore(name, 1.0, val, {}, both if pool else pv, pooled=pooled))
         return out
@@ -150,7 +148,7 @@ def test_mirror_averaging_is_kept_only_when_the_hold_out_says_so():
     def score(wrong: list[int], nll: float, pooled_nll: float | None = None) -> MethodScore:
         pred = y.copy()
         pred[wrong] = (y[wrong] + 1) % 3
-        ba = search.balanced_accuracy_of(pred, y, 3)
+        ba = balanced_accuracy_of(pred, y, 3)
         pooled = None if pooled_nll is None else {"balanced_accuracy": ba, "nll_ts": pooled_nll}
         val = {"balanced_accuracy": ba, "nll_ts": nll}
         return MethodScore("ncm", 1.0, val, {}, pred, pooled=pooled)

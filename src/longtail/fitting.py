@@ -47,6 +47,7 @@ from longtail.core.errors import LongtailError
 from longtail.core.io import atomic_write_json
 from longtail.core.runtime import world_size_from_env
 from longtail.data.build import check_batch_size
+from longtail.evaluate.bootstrap import bootstrap_gaps
 from longtail.evaluate.report import write_report
 from longtail.fit.bundle import Bundle, DeployedClassifier, save_bundle
 from longtail.fit.images import decode
@@ -55,7 +56,6 @@ from longtail.fit.plan import InputPlan, recipe, recipe_summary
 from longtail.fit.search import (
     MIXUP_GRID,
     Candidate,
-    bootstrap_gaps,
     candidate_name,
     choose_candidate,
     long_epochs,

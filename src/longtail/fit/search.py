@@ -19,9 +19,10 @@ A candidate's score is the balanced accuracy (mean of per-class accuracies) of i
 stage-2 method on the hold-out images that choose: the validation split, or the validation and
 internal test splits together when the bundle is re-fitted on everything
 (:mod:`longtail.fit.select`, "Which images decide"). How much of a difference those images
-can resolve is measured by a stratified paired bootstrap over them (:func:`bootstrap_gaps`):
+can resolve is measured by a stratified paired bootstrap over them
+(:func:`longtail.evaluate.bootstrap.bootstrap_gaps`):
 each candidate's (or method's) gap to the best on all of them, and the standard deviation of
-that gap over :data:`BOOTSTRAP` resamples. Methods use the spread to prefer the simpler one
+that gap over its resamples. Methods use the spread to prefer the simpler one
 (:func:`longtail.fit.select.choose`); the recipe table reports it.
 """
 
@@ -30,11 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 MIXUP_GRID = (0.2, 0.0, 1.0)  # the plan's small-data default first: it runs even on a tight budget
 SURVIVORS = 2
-BOOTSTRAP = 1000
 SHORT_IMAGES = 40_000  # rung 1 sees about this many images
 SHORT_MIN, SHORT_MAX = 20, 100  # rung 1's epochs at least / at most
 LONG_FACTOR = 8  # rung 2 trains at most this many times rung 1's epochs (docs/METHODS.md: why)
@@ -79,62 +77,6 @@ def long_epochs(
         return None
     e2 = min(int(room / (seconds_per_epoch * runs)), LONG_FACTOR * short)
     return e2 if e2 >= MIN_GAIN_FACTOR * short else None
-
-
-def balanced_accuracy_of(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Mean over the classes present in ``labels`` ``(N,)`` of the accuracy of ``pred`` ``(N,)``."""
-    n = np.bincount(labels, minlength=num_classes)
-    right = np.bincount(labels, weights=(pred == labels), minlength=num_classes)
-    present = n > 0
-    return float((right[present] / n[present]).mean()) if present.any() else float("nan")
-
-
-def bootstrap_gaps(
-    preds: dict[str, np.ndarray],
-    labels: np.ndarray,
-    num_classes: int | None = None,
-    *,
-    n: int = BOOTSTRAP,
-    seed: int = 0,
-    best: str | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Each entry's balanced-accuracy gap to the best one, over a stratified paired bootstrap.
-
-    Every resample draws, within each class, as many validation images as the class has (with
-    replacement), and scores every entry on the same images. The gap is the one on the full
-    validation split; the resamples give its standard deviation.
-
-    Args:
-        preds: name -> predicted labels ``(N,)`` on the validation images.
-        labels: ``(N,)`` true labels.
-        num_classes: ``C``; default one more than the largest label or prediction.
-        best: the reference entry; default the highest balanced accuracy on the full
-            validation split (the first of equals).
-
-    Returns:
-        name -> (gap, standard deviation): ``best - entry`` in balanced accuracy on the full
-        validation split and its standard deviation over the resamples (fractions); ``(0, 0)``
-        for the best itself.
-    """
-    names = list(preds)
-    if num_classes is None:
-        num_classes = int(max(labels.max(), *(p.max() for p in preds.values()))) + 1
-    full = {k: balanced_accuracy_of(preds[k], labels, num_classes) for k in names}
-    if best is None:
-        best = max(names, key=lambda k: full[k])
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    members = [m for m in members if len(m)]
-    correct = np.stack([(preds[k] == labels) for k in names]).astype(np.float32)  # (K, N)
-    total = np.zeros((len(names), n))  # (K, n): sum over classes of per-class accuracy
-    for m in members:  # one draw matrix per class: (n resamples, n_c images)
-        draw = m[rng.integers(0, len(m), (n, len(m)))]
-        total += correct[:, draw].mean(axis=2)
-    acc = {k: total[i] / len(members) for i, k in enumerate(names)}
-    return {
-        k: (full[best] - full[k], float((acc[best] - acc[k]).std()) if k != best else 0.0)
-        for k in names
-    }
 
 
 @dataclass

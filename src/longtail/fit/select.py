@@ -8,7 +8,7 @@ here the same way (:func:`longtail.evaluate.calibration.fit_temperature`); the m
 with the best validation **balanced accuracy** (the mean of per-class accuracies, so a
 long-tailed validation split counts every class equally) is the reference, and the **simplest**
 method whose gap to it is within one standard deviation of a stratified paired bootstrap over
-the validation images (:func:`longtail.fit.search.bootstrap_gaps`) is chosen: a validation
+the validation images (:func:`longtail.evaluate.bootstrap.bootstrap_gaps`) is chosen: a validation
 split of a few images per rare class cannot tell apart methods closer than that, and the simpler
 one then carries less risk. Simplicity order (:data:`SIMPLER_FIRST`): the joint classifier, one
 post-hoc scalar (logit adjustment, then tau-normalisation), class means (NCM), re-trained
@@ -47,11 +47,11 @@ import torch.nn as nn
 
 from longtail.classify import registry
 from longtail.core.errors import LongtailError
+from longtail.evaluate.bootstrap import bootstrap_gaps
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.results import Results
 from longtail.evaluate.tables import Table, render_text
-from longtail.fit.search import bootstrap_gaps
 
 SIMPLER_FIRST = ("joint", "logit_adjust", "tau", "ncm", "lws", "crt", "srepr_ce", "srepr")
 
@@ -233,9 +233,9 @@ def choose_mirror(
     Returns:
         ``(use, (gap, sd))``: ``gap`` = plain minus mirrored hold-out balanced accuracy
         (fractions) and its sd over the stratified paired bootstrap
-        (:func:`longtail.fit.search.bootstrap_gaps`). ``use`` when ``gap <= sd`` (no loss the
-        hold-out can resolve) and mirror averaging is better on one measure: a higher balanced
-        accuracy, or a lower calibrated NLL (:attr:`MethodScore.choice` figures).
+        (:func:`longtail.evaluate.bootstrap.bootstrap_gaps`). ``use`` when ``gap <= sd`` (no
+        loss the hold-out can resolve) and mirror averaging is better on one measure: a higher
+        balanced accuracy, or a lower calibrated NLL (:attr:`MethodScore.choice` figures).
     """
     y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     a, b = plain.holdout_pred, mirrored.holdout_pred
