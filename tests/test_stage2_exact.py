@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from longtail.classify import methods as M
-from longtail.classify.heads import LinearHead
+from longtail.classify.heads import NCM_METRICS, LinearHead, NCMHead
 from longtail.classify.run import Stage2
 from longtail.classify.srepr import bma_logits, srepr_loss, train_srepr
+from longtail.config import CHOICES
 from longtail.core.io import atomic_torch_save, verified_load
 from longtail.fit.select import MethodScore, choose
 
@@ -57,17 +58,27 @@ def _ncm_by_hand(z: np.ndarray, y: np.ndarray, c: int, zq: np.ndarray):
     return center, cents, euclid, cosine
 
 
-def test_ncm_matches_centred_normalised_class_means_and_both_metrics():
-    """Guards: centroids of raw (uncentred or unnormalised) features, a distance other than the
-    Euclidean one, and a cosine option that ignores ``stage2.ncm_metric`` or forgets to
-    normalise the centroids."""
+def test_ncm_metrics_are_the_configs_choices():
+    """Guards: a metric added to the head but not accepted by the config, or the reverse."""
+    assert CHOICES["stage2.ncm_metric"] == NCM_METRICS
+    with pytest.raises(ValueError, match="sqeuclidean"):
+        NCMHead(torch.zeros(2, 3), torch.zeros(3), "manhattan")
+
+
+def test_ncm_matches_centred_normalised_class_means_and_every_metric():
+    """Kang's code scores by minus the squared Euclidean distance (the default). Guards:
+    centroids of raw (uncentred or unnormalised) features, a distance other than the squared
+    Euclidean one by default, the plain Euclidean option lost (bundles calibrated on it must load
+    unchanged), and a cosine option that ignores ``stage2.ncm_metric`` or forgets to normalise
+    the centroids."""
     z, y = _features()
     zq, _ = _features(n=12, seed=1)
     center, cents, euclid, cosine = _ncm_by_hand(_np(z), y.numpy(), 4, _np(zq))
     head = M.ncm(z, y, 4)
     np.testing.assert_allclose(_np(head.center), center, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_np(head.centroids), cents, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_np(head(zq)), euclid, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(head(zq)), -(euclid**2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(M.ncm(z, y, 4, "euclidean")(zq)), euclid, rtol=1e-5, atol=1e-5)
     cos_head = M.ncm(z, y, 4, "cosine")
     np.testing.assert_allclose(_np(cos_head(zq)), cosine, rtol=1e-5, atol=1e-5)
     # the centroids are not unit vectors, so the two metrics rank differently somewhere
@@ -177,17 +188,21 @@ def test_run_feeds_the_cached_augmented_views_to_crt_and_ncm(run_copy):
 
 
 # ------------------------------------------------------------------ LWS
-def test_lws_scales_start_at_one_and_have_no_weight_decay():
+def test_lws_scales_start_at_one_and_take_weight_decay_as_in_kangs_code():
     """With zero features and a zero bias every logit is 0 whatever the scales, so the
-    cross-entropy gradient of the scales is exactly 0: only weight decay could move them.
-    They must stay at their documented initial value 1 after training with
-    ``weight_decay=5e-4`` passed in. Guards: another initial scale, weight decay on the scales."""
+    cross-entropy gradient of the scales is exactly 0: only weight decay can move them. Without
+    it they stay at their documented initial value 1; with Kang et al.'s 5e-4 they shrink, all
+    alike. Guards: another initial scale, weight decay dropped for the scales (as before)."""
     w = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     z = torch.zeros(90, 4)
     y = torch.arange(90) % 3
-    head = M.lws(w, torch.zeros(3), z, y, epochs=3, lr=0.5, weight_decay=5e-4, batch_size=16)
+    kw = dict(epochs=3, lr=0.5, batch_size=16)
+    head = M.lws(w, torch.zeros(3), z, y, weight_decay=0.0, **kw)
     assert torch.equal(head.scale.detach(), torch.ones(3))
     np.testing.assert_allclose(_np(head.weight), _np(w))
+    decayed = M.lws(w, torch.zeros(3), z, y, weight_decay=5e-4, **kw).scale.detach()
+    assert (decayed < 1 - 1e-4).all() and (decayed > 0.95).all()
+    assert torch.allclose(decayed, decayed[0].expand(3))
 
 
 def test_lws_is_a_per_class_scale_of_the_frozen_joint_logits():

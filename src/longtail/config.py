@@ -101,7 +101,7 @@ class Stage2Config:
     logit_adjust_grid: list[float] = field(
         default_factory=lambda: [round(0.25 * i, 2) for i in range(13)]
     )
-    ncm_metric: str = "euclidean"  # euclidean | cosine
+    ncm_metric: str = "sqeuclidean"  # -|z-mu|^2 (Kang's code) | euclidean (-|z-mu|) | cosine
     srepr_samples: int = 8  # M SWAG samples
     srepr_scale: float = 0.5
     srepr_alpha: float = 0.5  # weight of the self-distillation term (when the grid is empty)
@@ -142,7 +142,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "kernels": ("auto", "on", "off"),
     "stage2.backbone": ("auto", "swa", "final"),
-    "stage2.ncm_metric": ("euclidean", "cosine"),
+    "stage2.ncm_metric": ("sqeuclidean", "euclidean", "cosine"),  # heads.NCM_METRICS
     "stage2.srepr_weighting": ("none", "confidence"),
 }
 

@@ -19,6 +19,9 @@ from longtail.classify.plugins import load_env_plugins
 from longtail.core.errors import LongtailError
 from longtail.data.samplers import make_sampler
 
+NCM_METRICS = ("sqeuclidean", "euclidean", "cosine")
+"""The scores :class:`NCMHead` knows; ``stage2.ncm_metric`` takes these names."""
+
 _KINDS: dict[str, type[Head]] = {}
 
 
@@ -155,13 +158,18 @@ class ScaledHead(Head):
 
 
 class NCMHead(Head):
-    """Nearest class mean: ``-||z' - mu_c||`` (euclidean) or ``cos(z', mu_c)`` (cosine), with
-    ``z' = normalize(z - center)`` as in Kang et al."""
+    """Nearest class mean on ``z' = normalize(z - center)`` as in Kang et al.; features ``(N, d)``
+    to logits ``(N, C)``: ``-||z' - mu_c||^2`` (``sqeuclidean``, Kang's code and the default),
+    ``-||z' - mu_c||`` (``euclidean``, this project's default before; kept so bundles calibrated
+    on it load unchanged) or ``cos(z', mu_c)`` (``cosine``). The metrics rank classes alike and
+    differ in the logits' scale, so in NLL and ECE before temperature scaling."""
 
     kind = "ncm"
 
-    def __init__(self, centroids: torch.Tensor, center: torch.Tensor, metric: str = "euclidean"):
+    def __init__(self, centroids: torch.Tensor, center: torch.Tensor, metric: str = "sqeuclidean"):
         super().__init__()
+        if metric not in NCM_METRICS:
+            raise ValueError(f"NCM metric {metric!r}: choose one of {', '.join(NCM_METRICS)}")
         self.register_buffer("centroids", centroids.float())
         self.register_buffer("center", center.float())
         self.metric = metric
@@ -181,6 +189,9 @@ class NCMHead(Head):
         zn = F.normalize(z.float() - self.center, dim=1)
         if self.metric == "cosine":
             return zn @ F.normalize(self.centroids, dim=1).t()
+        if self.metric == "sqeuclidean":  # expanded: one matmul, exact, exports to ONNX
+            sq = (zn * zn).sum(1, keepdim=True) + (self.centroids**2).sum(1)
+            return (2 * zn @ self.centroids.t() - sq).clamp_max(0.0)
         return -torch.cdist(zn, self.centroids, compute_mode="use_mm_for_euclid_dist")
 
 

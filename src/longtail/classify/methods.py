@@ -14,8 +14,10 @@ from longtail.classify.heads import LinearHead, NCMHead, ScaledHead, pick_view, 
 from longtail.evaluate.metrics import accuracy, nll
 
 
-def ncm(z: torch.Tensor, y: torch.Tensor, num_classes: int, metric: str = "euclidean") -> NCMHead:
-    """Class centroids of centred, L2-normalised training features (Kang's NCM)."""
+def ncm(z: torch.Tensor, y: torch.Tensor, num_classes: int, metric: str = "sqeuclidean") -> NCMHead:
+    """Class centroids ``(C, d)`` of centred, L2-normalised training features ``z`` ``(N, d)``
+    (or views ``(V, N, d)``, averaged) with labels ``(N,)``: Kang's NCM. ``metric`` as
+    :class:`~longtail.classify.heads.NCMHead`'s (the default, ``sqeuclidean``, is Kang's)."""
     z = z.float().mean(0) if z.dim() == 3 else z.float()
     center = z.mean(0)
     zn = F.normalize(z - center, dim=1)
@@ -123,7 +125,10 @@ def lws(
     batch_size: int = 512,
     seed: int = 0,
 ) -> ScaledHead:
-    """Learnable weight scaling: per-class scales on the frozen joint classifier, CB sampling."""
+    """Learnable weight scaling: per-class scales on the frozen joint classifier, CB sampling.
+
+    The scales ``(C,)`` start at 1 and take ``weight_decay`` like every parameter in Kang et al.'s
+    code (5e-4 there and in :class:`~longtail.config.Stage2Config`)."""
     head = ScaledHead(weight, bias)
     g = torch.Generator().manual_seed(seed)
 
@@ -137,7 +142,7 @@ def lws(
         y,
         epochs=epochs,
         lr=lr,
-        weight_decay=0.0 * weight_decay,
+        weight_decay=weight_decay,
         batch_size=batch_size,
         seed=seed,
     )
