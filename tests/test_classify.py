@@ -125,9 +125,9 @@ def test_ncm_centroids_are_unit_norm_ish_and_classify_their_own_class(classified
 
 
 def test_feature_cache_is_written_once_and_reused(classified, swa_run):
-    assert set(classified.cache) == {"swa.pt", "swag-M3-s0.5-seed0.pt"}
+    assert set(classified.cache) == {"swa.pt", "swag-M3-s0.5-bn2048-seed0.pt"}
     assert sum("cached" in line for line in classified.logs) == 2
-    bank = verified_load(swa_run.dir / "features" / "swag-M3-s0.5-seed0.pt")
+    bank = verified_load(swa_run.dir / "features" / "swag-M3-s0.5-bn2048-seed0.pt")
     assert bank["train"][0].shape == (3, *classified.feats["train"][0].shape)
     logs: list[str] = []
     again = classify(swa_run.dir, ["joint", "ncm", "srepr"], log=logs.append)

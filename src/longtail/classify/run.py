@@ -138,7 +138,11 @@ class Stage2:
             raise LongtailError(_no_swag("SWAG feature banks need", swag_path))
         swag = SWAG(self.model, 0)
         swag.load_state_dict(verified_load(swag_path))
-        tag = f"swag-M{s2.srepr_samples}-s{s2.srepr_scale:g}-seed{self.cfg.seed}"
+        # every setting the banks depend on (BN re-estimation images included) names the file
+        tag = (
+            f"swag-M{s2.srepr_samples}-s{s2.srepr_scale:g}-bn{s2.srepr_bn_images}"
+            f"-seed{self.cfg.seed}"
+        )
         return cached(
             self.rundir.feature_path(tag),
             lambda: swag_banks(

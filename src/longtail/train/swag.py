@@ -69,7 +69,15 @@ class SWAG:
     def sample_vector(
         self, scale: float = 0.5, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """One weight vector ``(d,)`` float32 drawn from the posterior; ``scale=0``: the mean."""
+        """One weight vector ``(d,)`` float32 drawn from the posterior; ``scale=0``: the mean.
+
+        ``scale`` multiplies Maddox et al.'s covariance ``(Sigma_diag + D D^T / (K - 1)) / 2``
+        (their code: ``mean + sqrt(scale) * (sigma * z1 + D z2 / sqrt(K - 1))``, scale 0.5 for
+        SWAG). With fewer than two deviation columns (``rank`` < 2, or a single snapshot) there is
+        no low-rank part and the covariance is ``Sigma_diag`` alone (their SWAG-Diagonal, scale
+        1): the diagonal noise is then ``sqrt(2 * scale) * sigma * z1``, so the default 0.5 keeps
+        the variance SWAG gives each weight instead of halving it.
+        """
         if self.n == 0:
             raise RuntimeError("SWAG has no snapshots: collect() was never called")
         if scale == 0:
@@ -77,10 +85,11 @@ class SWAG:
         z1 = torch.randn(self.num_params, generator=generator, dtype=torch.float64)
         noise = self.variance().sqrt() * z1
         k = len(self.deviations)
-        if k >= 2:
-            z2 = torch.randn(k, generator=generator, dtype=torch.float64)
-            dev = torch.stack(self.deviations).double()  # (K, d)
-            noise += dev.t().mv(z2) / (k - 1) ** 0.5
+        if k < 2:
+            return (self.mean + (2 * scale) ** 0.5 * noise).float()
+        z2 = torch.randn(k, generator=generator, dtype=torch.float64)
+        dev = torch.stack(self.deviations).double()  # (K, d)
+        noise += dev.t().mv(z2) / (k - 1) ** 0.5
         return (self.mean + scale**0.5 * noise).float()
 
     def sample(
