@@ -177,10 +177,11 @@ def test_pins_reproduce_the_validation_choices_and_name_what_cannot_be():
     from longtail.classify import registry
     from longtail.classify.interface import Stage2Method
 
-    infos = {"tau": {"tau": 0.7}, "srepr": {"alpha": 0.25}, "logit_adjust": {}}
+    infos = {"tau": {"tau": 0.7}, "srepr": {"alpha": 0.25, "temperature": 4.0}, "logit_adjust": {}}
     assert registry.pinned(["tau"], infos) == (["stage2.tau_grid=[0.7]"], [])
     # SRepr implies its ablations; only SRepr itself chose something
-    assert registry.pinned(["srepr"], infos) == (["stage2.srepr_alpha_grid=[0.25]"], [])
+    pins = ["stage2.srepr_alpha_grid=[0.25]", "stage2.srepr_temperature_grid=[4.0]"]
+    assert registry.pinned(["srepr"], infos) == (pins, [])
     assert registry.pinned(["logit_adjust"], infos) == ([], ["logit_adjust"])  # info lost
     assert registry.pinned(["joint", "ncm"], infos) == ([], [])
     plug = Stage2Method("plug_val", lambda ctx: None, needs_val=True)  # chooses, no pins

@@ -18,7 +18,12 @@ import torch
 from longtail.classify import methods as M
 from longtail.classify.heads import NCM_METRICS, LinearHead, NCMHead
 from longtail.classify.run import Stage2
-from longtail.classify.srepr import bma_logits, srepr_loss, train_srepr
+from longtail.classify.srepr import (
+    bma_logits,
+    choose_alpha_temperature,
+    srepr_loss,
+    train_srepr,
+)
 from longtail.config import CHOICES
 from longtail.core.io import atomic_torch_save, verified_load
 from longtail.fit.select import MethodScore, choose
@@ -276,7 +281,8 @@ def test_srepr_alpha_is_chosen_by_validation_nll(run_copy):
     its own SWAG average), so its validation NLL is far worse than alpha = 0.3's. The chosen
     alpha must be 0.3, and the sweep's NLLs must be those of heads refitted here. Guards:
     choosing the first / last grid entry, the highest NLL, or ignoring the grid."""
-    res = Stage2(run_copy, ["stage2.srepr_alpha_grid=[1.0,0.3]"], log=QUIET)
+    grid = ["stage2.srepr_alpha_grid=[1.0,0.3]", "stage2.srepr_temperature_grid=[2.0]"]
+    res = Stage2(run_copy, grid, log=QUIET)
     out = res.run(["srepr"])
     info = out["methods"]["srepr"]["info"]
     feats = verified_load(run_copy / "features" / "swa.pt")
@@ -304,7 +310,9 @@ def test_srepr_alpha_is_chosen_by_validation_nll(run_copy):
     assert [r["alpha"] for r in info["sweep"]] == [1.0, 0.3]
     for r in info["sweep"]:
         assert r["val_nll"] == pytest.approx(by_hand[r["alpha"]], rel=1e-4)
-    assert info["alpha"] == 0.3
+    assert info["alpha"] == 0.3 and info["temperature"] == 2.0
+    gap, sd = (info["sweep"][0][k] for k in ("val_gap", "val_gap_sd"))
+    assert gap > sd and not info["sweep"][0]["eligible"] and info["sweep"][1]["eligible"]
     assert out["methods"]["srepr"]["val"]["nll"] == pytest.approx(by_hand[0.3], rel=1e-4)
     # swag_bma is the chosen head averaged over the test banks (not over the SWA features)
     zt, yt = feats["test"]
@@ -312,6 +320,31 @@ def test_srepr_alpha_is_chosen_by_validation_nll(run_copy):
     assert out["methods"]["swag_bma"]["nll"] == pytest.approx(_nll(bma, yt.numpy()), rel=1e-4)
     plain = _nll(_np(res.heads["srepr"](zt)), yt.numpy())
     assert abs(out["methods"]["swag_bma"]["nll"] - plain) > 1e-3
+
+
+def test_srepr_grid_rule_takes_the_lowest_nll_only_within_the_accuracy_noise():
+    """Four classes of 25 validation images. A is the most accurate (2 errors); C makes as many
+    errors on other images (gap 0, so within any bootstrap sd); B loses 40 % of the images
+    (far outside the noise) and has the lowest NLL; D repeats C at a larger alpha. The rule
+    picks C. Guards: NLL alone (B), accuracy alone (A), ties to the larger alpha (D), and the
+    sweep rows not carrying the gap, its sd and the eligibility the report shows."""
+    y = np.repeat(np.arange(4), 25)
+    a, c, b = y.copy(), y.copy(), y.copy()
+    a[[0, 30]] = 3
+    c[[1, 31]] = 3
+    b[:40] = (b[:40] + 1) % 4
+    rows = [
+        {"alpha": 0.25, "temperature": 2.0, "val_nll": 0.5, "pred": a},
+        {"alpha": 0.5, "temperature": 1.0, "val_nll": 0.1, "pred": b},
+        {"alpha": 0.25, "temperature": 4.0, "val_nll": 0.3, "pred": c},
+        {"alpha": 0.75, "temperature": 4.0, "val_nll": 0.3, "pred": c.copy()},
+    ]
+    best = choose_alpha_temperature(rows, y, 4, seed=0)
+    assert (best["alpha"], best["temperature"]) == (0.25, 4.0)
+    assert [r["eligible"] for r in rows] == [True, False, True, True]
+    assert rows[1]["val_gap"] == pytest.approx(0.40 - 0.0, abs=0.021)
+    assert rows[1]["val_gap"] > 5 * rows[1]["val_gap_sd"] and rows[2]["val_gap"] == 0.0
+    assert rows[2]["val_gap_sd"] > 0 and all("pred" not in r for r in rows)
 
 
 def test_ncm_metric_option_reaches_the_stage2_head(run_copy):

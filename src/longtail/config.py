@@ -106,7 +106,9 @@ class Stage2Config:
     srepr_scale: float = 0.5
     srepr_alpha: float = 0.5  # weight of the self-distillation term (when the grid is empty)
     srepr_alpha_grid: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    srepr_temperature: float = 2.0
+    srepr_temperature: float = 2.0  # distillation T (when the grid is empty)
+    # chosen with alpha on validation (builtin.SREPR_RULE): 2 is the paper's fixed value
+    srepr_temperature_grid: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     srepr_weighting: str = "none"  # none | confidence
     srepr_epochs: int = 10
     srepr_bn_images: int = 2048  # images for each sample's BN re-estimation; 0: all

@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 from longtail.classify import methods as M
 from longtail.classify.heads import LinearHead
 from longtail.classify.interface import Stage2Context, Stage2Method
-from longtail.classify.srepr import BMAHead, train_srepr
+from longtail.classify.srepr import SREPR_RULE, BMAHead, choose_alpha_temperature, train_srepr
 from longtail.core.progress import progress
 from longtail.evaluate.metrics import evaluate_logits
 
@@ -78,7 +79,7 @@ def _lws(ctx: Stage2Context) -> nn.Module:
     )
 
 
-def _fit_srepr(ctx: Stage2Context, alpha: float) -> LinearHead:
+def _fit_srepr(ctx: Stage2Context, alpha: float, temperature: float | None = None) -> LinearHead:
     s2 = ctx.config.stage2
     return train_srepr(
         ctx.train_features,
@@ -86,7 +87,7 @@ def _fit_srepr(ctx: Stage2Context, alpha: float) -> LinearHead:
         ctx.train_labels,
         ctx.num_classes,
         alpha,
-        s2.srepr_temperature,
+        s2.srepr_temperature if temperature is None else temperature,
         s2.srepr_weighting,
         s2.srepr_epochs,
         s2.lr,
@@ -97,29 +98,45 @@ def _fit_srepr(ctx: Stage2Context, alpha: float) -> LinearHead:
 
 
 def _srepr(ctx: Stage2Context) -> nn.Module:
-    """α from ``stage2.srepr_alpha_grid`` (or ``srepr_alpha``) by validation NLL."""
+    """α and T from ``stage2.srepr_alpha_grid`` x ``srepr_temperature_grid`` (each falling back
+    to its single value when empty) by :data:`~longtail.classify.srepr.SREPR_RULE`: NLL decides
+    only among the grid points whose accuracy loss the validation images cannot resolve, so
+    calibration is never bought with accuracy they can see. The sweep reports, per grid point,
+    the validation accuracy, its balanced-accuracy gap to the best (and the bootstrap sd), the
+    accuracy on the rarest third of the classes and the NLL."""
     s2 = ctx.config.stage2
     t0 = time.perf_counter()
     ctx.swag()  # computed (or read from the cache) here, so its time is reported
     t_banks = time.perf_counter() - t0
     zv, yv = ctx.val()
-    counts = ctx.train_labels.bincount(minlength=ctx.num_classes).numpy()
-    grid = list(s2.srepr_alpha_grid) or [s2.srepr_alpha]
-    sweep = []
-    for a in progress(grid, desc="SRepr (α grid)", unit="fit"):
-        h = _fit_srepr(ctx, a)
-        r = evaluate_logits(h(zv).detach(), yv, counts)
-        sweep.append({"alpha": a, "val_acc": r["accuracy"], "val_nll": r["nll"], "head": h})
-    best = min(sweep, key=lambda r: r["val_nll"])
+    counts = ctx.train_labels.bincount(minlength=ctx.num_classes)
+    grid = [
+        (float(a), float(t))
+        for a in (list(s2.srepr_alpha_grid) or [s2.srepr_alpha])
+        for t in (list(s2.srepr_temperature_grid) or [s2.srepr_temperature])
+    ]
+    rare = counts.argsort()[: max(1, ctx.num_classes // 3)]  # the rarest third of the classes
+    in_rare = torch.isin(yv, rare)
+    sweep, heads = [], {}
+    for a, t in progress(grid, desc="SRepr (α, T grid)", unit="fit"):
+        h = heads[(a, t)] = _fit_srepr(ctx, a, t)
+        logits = h(zv).detach()
+        r = evaluate_logits(logits, yv, counts.numpy())
+        right = logits.argmax(1) == yv
+        rare_acc = float(right[in_rare].float().mean()) if in_rare.any() else None
+        row = {"alpha": a, "temperature": t, "val_acc": r["accuracy"], "val_nll": r["nll"]}
+        sweep.append({**row, "val_rare_acc": rare_acc, "pred": logits.argmax(1).numpy()})
+    best = choose_alpha_temperature(sweep, yv.numpy(), ctx.num_classes, seed=ctx.seed)
     ctx.info.update(
         alpha=best["alpha"],
-        temperature=s2.srepr_temperature,
+        temperature=best["temperature"],
+        rule=SREPR_RULE,
         samples=s2.srepr_samples,
         scale=s2.srepr_scale,
         feature_bank_seconds=t_banks,
-        sweep=[{k: v for k, v in r.items() if k != "head"} for r in sweep],
+        sweep=sweep,
     )
-    return best["head"]
+    return heads[(best["alpha"], best["temperature"])]
 
 
 def _srepr_ce(ctx: Stage2Context) -> nn.Module:
@@ -148,12 +165,12 @@ def _describe_srepr(infos: list[dict]) -> str | None:
     first = infos[0]
     if "alpha" not in first:
         return None
-    vals = [i["alpha"] for i in infos if i.get("alpha") is not None]
+    chosen = [i for i in infos if i.get("alpha") is not None]
+    pairs = ", ".join(f"{i['alpha']:g} / {i.get('temperature', '?')}" for i in chosen)
+    rule = first.get("rule", "validation NLL")
     return (
-        "α = "
-        + ", ".join(f"{v:g}" for v in vals)
-        + f" (validation NLL), T = {first.get('temperature')}, M = {first.get('samples')} SWAG "
-        f"samples at scale {first.get('scale')}"
+        f"α / T = {pairs} ({rule}), M = {first.get('samples')} SWAG samples at scale "
+        f"{first.get('scale')}"
     )
 
 
@@ -191,7 +208,10 @@ BUILTIN: tuple[Stage2Method, ...] = (
         plot_weight_norms=True,
         describe=_describe_srepr,
         color="#DD8452",
-        pins=(("alpha", "stage2.srepr_alpha_grid"),),
+        pins=(
+            ("alpha", "stage2.srepr_alpha_grid"),
+            ("temperature", "stage2.srepr_temperature_grid"),
+        ),
     ),
     Stage2Method("srepr_ce", _srepr_ce, "SRepr (CE only)", needs_swag=True, color="#937860"),
     Stage2Method(

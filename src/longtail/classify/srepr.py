@@ -15,10 +15,17 @@ reference it is compared with: the same ``g`` averaged over the M SWAG feature b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from longtail.classify.heads import LinearHead, train_head
+from longtail.evaluate.bootstrap import bootstrap_gaps
+
+SREPR_RULE = (
+    "lowest validation NLL among the (α, T) whose validation balanced accuracy is within one "
+    "bootstrap sd of the best grid point's"
+)
 
 
 def srepr_loss(
@@ -83,6 +90,33 @@ def train_srepr(
         batch_size=batch_size,
         seed=seed,
     )
+
+
+def choose_alpha_temperature(
+    sweep: list[dict], labels: np.ndarray, num_classes: int, seed: int = 0
+) -> dict:
+    """The grid point :data:`SREPR_RULE` picks.
+
+    Args:
+        sweep: one row per grid point with ``alpha``, ``temperature``, ``val_nll`` and ``pred``
+            (the head's predicted labels ``(N,)`` on the validation images); ``pred`` is
+            removed, and ``val_gap`` / ``val_gap_sd`` (balanced-accuracy gap to the best grid
+            point and its sd over the stratified paired bootstrap, fractions) and ``eligible``
+            are added, in place.
+        labels: ``(N,)`` validation labels.
+        num_classes: ``C``.
+        seed: the bootstrap's seed.
+
+    Returns:
+        The chosen row: the lowest ``val_nll`` among the eligible ones (``val_gap <=
+        val_gap_sd``; the best itself always is), ties to the smaller α.
+    """
+    preds = {i: r.pop("pred") for i, r in enumerate(sweep)}
+    gaps = bootstrap_gaps(preds, labels, num_classes, seed=seed)
+    for i, r in enumerate(sweep):
+        r["val_gap"], r["val_gap_sd"] = gaps[i]
+        r["eligible"] = bool(r["val_gap"] <= r["val_gap_sd"])
+    return min((r for r in sweep if r["eligible"]), key=lambda r: (r["val_nll"], r["alpha"]))
 
 
 def bma_logits(head: torch.nn.Module, bank: torch.Tensor) -> torch.Tensor:
