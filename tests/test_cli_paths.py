@@ -91,7 +91,8 @@ def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
     results files, for the SWA features, the SWA run's last iterate and the SGD baseline (its own
     run per seed: SWA off, lr annealed to 0); a finished seed is not trained again. Guards: a
     wrong mean / std (population std, one seed only), a table missing, the constant-lr last
-    iterate passed off as the SGD baseline, stage 1 retrained for a seed that is done."""
+    iterate passed off as the SGD baseline, stage 1 retrained for a seed that is done, the
+    baseline's shared epochs retrained."""
     out = tmp_path / "sweep"
     # warm-up shorter than the 2 epochs, so that the baseline's cosine has room to reach 0
     tiny = [*TINY_CLI, "optim.warmup_epochs=0.5"]
@@ -128,6 +129,10 @@ def test_sweep_aggregates_the_seeds_it_trained(tmp_path, capsys):
     rows = csv.DictReader(RunDir(out / "seed1-sgd").metrics_path.read_text().splitlines())
     lrs = [float(r["lr"]) for r in rows]  # each epoch's last step
     assert len(lrs) == 2 and lrs[-1] < 1e-3 * max(lrs)
+    # the cosine recipe: the baseline continues from the SWA run's state at swa.start
+    info = json.loads(RunDir(out / "seed1-sgd").info_path.read_text())
+    assert info["branched_from"] == {"run": str(out / "seed1"), "epoch": 1}
+    assert f"seed 1: branching off {out / 'seed1'} at epoch 1" in text
     assert (out / "report.html").is_file()
     stamp = (out / "seed0" / "model_final.pt").stat().st_mtime_ns
     logs: list[str] = []

@@ -19,6 +19,7 @@ from longtail.config import diff_configs, load_config
 from longtail.core.checkpoint import list_checkpoints
 from longtail.core.errors import LongtailError
 from longtail.core.io import verified_load
+from longtail.core.rundir import RunDir
 from longtail.core.runtime import make_runtime
 from longtail.data.build import build_data, check_batch_size, make_loaders
 from longtail.data.loader import BatchLoader
@@ -27,6 +28,7 @@ from longtail.data.samplers import make_sampler
 from longtail.evaluate.metrics import accuracy
 from longtail.models import build_model
 from longtail.models.inference import collect_outputs
+from longtail.sweep import SGD_BASELINE
 from longtail.train.bn import refresh_bn
 from longtail.train.loop import Stage1
 from longtail.train.schedules import lr_at
@@ -339,3 +341,54 @@ def test_nan_loss_stops_with_epoch_step_lr_and_keeps_checkpoints(tmp_path):
     weights = [v for v in state["model"].values() if v.is_floating_point()]
     assert weights and all(torch.isfinite(v).all() for v in weights)
     assert not (out / "model_final.pt").exists() and not (out / "stage1.json").exists()
+
+
+# ------------------------------------------------------------------ the SGD baseline's branch
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return verified_load(run / "model_final.pt")
+
+
+def test_sgd_baseline_branched_off_the_swa_run_equals_one_trained_from_the_start(swa_run, tmp_path):
+    """The SGD baseline of ``sweep`` (SWA off, same cosine schedule) continued from the SWA run's
+    ``branch.pt`` at the end of epoch ``swa.start`` ends bit for bit where the baseline trained
+    from epoch 0 ends, with the same metrics rows, in half the epochs here. Guards: a branch
+    saved one epoch late or early, a random stream or the optimiser's momentum not carried
+    over, the metrics of the shared epochs missing."""
+    cfg = load_config("digits_lt", [*swa_run.overrides, *SGD_BASELINE])
+    assert diff_configs(swa_run.cfg, cfg) == ["swa.enabled: True != False"]
+    branch = verified_load(swa_run.dir / "branch.pt")
+    assert (branch["epoch"], branch["step_in_epoch"]) == (swa_run.cfg.swa.start, 0)
+    Stage1(cfg, tmp_path / "scratch").fit()
+    trainer = Stage1(cfg, tmp_path / "branched", branch_from=swa_run.dir)
+    assert trainer.epoch == swa_run.cfg.swa.start
+    trainer.fit()
+    scratch, branched = _weights(tmp_path / "scratch"), _weights(tmp_path / "branched")
+    assert scratch.keys() == branched.keys()
+    for k in scratch:
+        assert torch.equal(scratch[k], branched[k]), k
+    rows = [
+        list(csv.DictReader((tmp_path / r / "metrics.csv").read_text().splitlines()))
+        for r in ("scratch", "branched")
+    ]
+    assert len(rows[0]) == cfg.optim.epochs
+    for a, b in zip(*rows, strict=True):
+        assert (a["epoch"], a["lr"], a["train_loss"]) == (b["epoch"], b["lr"], b["train_loss"])
+    info = json.loads((tmp_path / "branched" / "run.json").read_text())
+    assert info["branched_from"] == {"run": str(swa_run.dir), "epoch": swa_run.cfg.swa.start}
+    assert not (tmp_path / "scratch" / "branch.pt").exists()  # no SWA, no branch point
+
+
+def test_branching_off_a_run_trained_differently_is_refused(swa_run, tmp_path):
+    """A branch needs the source's epochs before ``swa.start`` to be this run's: another lr, or
+    an SWA that starts before the branch point, is refused with the keys named, and nothing is
+    trained."""
+    other = load_config("digits_lt", [*swa_run.overrides, *SGD_BASELINE, "optim.lr=0.05"])
+    with pytest.raises(LongtailError, match=r"optim\.lr: 0\.1 != 0\.05"):
+        Stage1(other, tmp_path / "a", branch_from=swa_run.dir)
+    early = load_config("digits_lt", [*swa_run.overrides, "swa.start=2"])
+    with pytest.raises(LongtailError, match=r"swa\.start \(epoch 2\) comes before"):
+        Stage1(early, tmp_path / "b", branch_from=swa_run.dir)
+    plain = load_config("digits_lt", [*swa_run.overrides, *SGD_BASELINE])
+    with pytest.raises(LongtailError, match=r"has no branch\.pt"):
+        Stage1(plain, tmp_path / "c", branch_from=tmp_path / "a")
+    assert not RunDir(tmp_path / "a").started and not RunDir(tmp_path / "b").started

@@ -6,6 +6,8 @@
     run.json                provenance: git revision, command, device, precision, classes, data
     metrics.csv, tb/        one row per epoch; TensorBoard logs
     ckpt-EPOCH-STEP.pt      training checkpoints (+ .sha256), the newest two kept
+    branch.pt               the state at the end of epoch ``swa.start`` (+ .sha256), where the
+                            lr leaves the recipe's schedule: the SGD baseline branches off here
     model_final.pt          the last SGD weights                          } stage 1's outputs,
     model_swa.pt, swag.pt   SWA weights (BN re-estimated), SWAG posterior } in this order;
     stage1.json             test (and val) metrics of those models        } stage1.json last
@@ -48,6 +50,7 @@ class RunDir:
     INFO = "run.json"
     METRICS = "metrics.csv"
     TENSORBOARD = "tb"
+    BRANCH = "branch.pt"
     STAGE1 = "stage1.json"
     SWAG = "swag.pt"
     FEATURES = "features"
@@ -79,6 +82,13 @@ class RunDir:
     def tensorboard_dir(self) -> Path:
         """``tb/``: TensorBoard logs of the same rows."""
         return self.path / self.TENSORBOARD
+
+    @property
+    def branch_path(self) -> Path:
+        """``branch.pt``: the training state at the end of epoch ``swa.start`` (only with SWA),
+        kept so that a run which follows the same schedule without SWA (the SGD baseline of
+        ``longtail sweep``) continues from it instead of retraining the shared epochs."""
+        return self.path / self.BRANCH
 
     @property
     def stage1_path(self) -> Path:

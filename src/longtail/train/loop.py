@@ -27,7 +27,12 @@ from longtail.config import diff_configs, load_config, to_yaml
 from longtail.core.checkpoint import load_latest_checkpoint, save_checkpoint
 from longtail.core.distributed import average_bn_buffers, convert_sync_bn
 from longtail.core.errors import LongtailError
-from longtail.core.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from longtail.core.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    verified_load,
+)
 from longtail.core.progress import format_seconds, progress
 from longtail.core.rundir import RunDir
 from longtail.core.runtime import init_distributed, make_runtime, seed_everything
@@ -52,6 +57,9 @@ RESUME_MUTABLE = (
     "data.list_dir",
     "stage2",
 )
+# keys that may also differ between a run and one branched off it (``Stage1(branch_from=)``):
+# SWA changes nothing before ``swa.start``, where the branch is taken
+BRANCH_MUTABLE = (*RESUME_MUTABLE, "swa")
 
 
 def git_revision() -> str:
@@ -96,7 +104,18 @@ def _check_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
 class Stage1:
     """Everything one stage-1 run holds; :meth:`fit` runs it to the end."""
 
-    def __init__(self, cfg: DictConfig, out: str | Path, resume: bool = False):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        out: str | Path,
+        resume: bool = False,
+        *,
+        branch_from: str | Path | None = None,
+    ):
+        """``branch_from``: a finished or running SWA run of the same config but for ``swa.*``
+        (for ``longtail sweep``'s SGD baseline): a new run starts from its state at the end of
+        epoch ``swa.start`` (``branch.pt``), where the two runs' training has been identical,
+        with that run's metrics rows up to there. Ignored when ``resume``."""
         self.rundir = RunDir(out)
         self.out = self.rundir.path
         self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
@@ -154,12 +173,17 @@ class Stage1:
         # >= 1: check_batch_size compared the batch with this process's draws
         self.steps_per_epoch = self.loaders["train"].num_batches(len(self.sampler), drop_last=True)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.branched_from: dict | None = None
         if resume:
             self._restore()
+        elif branch_from is not None:
+            self._branch(RunDir(branch_from))
         # the run's ETA: wall time per step so far in this process (evaluation included)
         self._clock = (time.perf_counter(), self.global_step)
         if self.rt.is_main and not resume:
             self._write_run_info()
+        if self.branched_from is not None:
+            self._checkpoint()  # from here on the run resumes like any other
         self.tb = None
 
     def _tune_kernels(self) -> dict[str, dict]:
@@ -200,6 +224,7 @@ class Stage1:
                 "swa_collect_from_epoch": self.collect_from,
                 "kernels": autotune.resolve_mode(self.cfg.kernels),
                 "kernel_choices": self.kernel_choices,
+                "branched_from": self.branched_from,
             },
         )
 
@@ -222,18 +247,61 @@ class Stage1:
         if not self.rundir.resumable:
             raise LongtailError(f"--resume: no checkpoint in {str(self.out)!r} yet; start afresh")
         state = load_latest_checkpoint(self.out, map_location=self.rt.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_state(state)
         if self.swa_model is not None and state["swa_model"] is not None:
             self.swa_model.load_state_dict(state["swa_model"])
         if self.swag is not None and state["swag"] is not None:
             self.swag.load_state_dict(state["swag"])
+        self._truncate_log(self.epoch)
+
+    def _load_state(self, state: dict) -> None:
+        """Model, optimiser, scaler, position and random streams from a saved :meth:`_state`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.loaders["train"].generator.set_state(state["aug_rng"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
-        self._truncate_log(self.epoch)
+
+    def _branch(self, source: RunDir) -> None:
+        """Continue from ``source``'s ``branch.pt`` (see ``__init__``); checks first that the
+        epochs before the branch would have been trained the same way here."""
+        where = f"cannot branch off {str(source.path)!r}"
+        if not source.branch_path.is_file():
+            raise LongtailError(
+                f"{where}: it has no {source.BRANCH} (only runs with SWA write one, at the end "
+                "of epoch swa.start); train this run from the start instead"
+            )
+        diffs = diff_configs(source.config(), self.cfg, ignore=BRANCH_MUTABLE)
+        if diffs:
+            raise LongtailError(
+                f"{where}: the configs differ in keys that shape the epochs before the branch "
+                f"({'; '.join(diffs)}); train this run from the start instead"
+            )
+        state = verified_load(source.branch_path, map_location=self.rt.device)
+        epoch = int(state["epoch"])
+        if state["step_in_epoch"] != 0 or epoch >= self.cfg.optim.epochs:
+            raise LongtailError(
+                f"{where}: its branch point (epoch {epoch}) is not an epoch end before this "
+                f"run's optim.epochs={self.cfg.optim.epochs}"
+            )
+        if self.swa_start is not None and self.swa_start < epoch:
+            raise LongtailError(
+                f"{where}: this run's swa.start (epoch {self.swa_start}) comes before the branch "
+                f"point (epoch {epoch}); its lr leaves the schedule earlier"
+            )
+        self._load_state(state)
+        self.branched_from = {"run": str(source.path), "epoch": epoch}
+        if self.rt.is_main and source.metrics_path.is_file():
+            with open(source.metrics_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+            if rows:
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+                atomic_write_text(self.rundir.metrics_path, buf.getvalue())
 
     def _truncate_log(self, epochs_done: int) -> None:
         """Drop metrics rows of epochs the resumed run will redo (written after the checkpoint)."""
@@ -414,6 +482,8 @@ class Stage1:
                 print(msg, flush=True)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self._checkpoint()
+            if self.epoch == self.swa_start and self.rt.is_main:
+                atomic_torch_save(self._state(), self.rundir.branch_path)
         return self.finish()
 
     def finish(self) -> dict:
