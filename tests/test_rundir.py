@@ -33,8 +33,10 @@ def _copy(src: Path, dst: Path, names: list[str]) -> RunDir:
 
 
 def _stage1_files(run: RunDir) -> set[str]:
-    """The names RunDir gives every file and folder a finished SWA stage 1 writes."""
+    """The names RunDir gives every file and folder a finished SWA stage 1 writes (``branch.pt``:
+    the state at ``swa.start``, which ``longtail sweep``'s SGD baseline branches off)."""
     named = [
+        run.branch_path,
         run.config_path,
         run.info_path,
         run.metrics_path,
