@@ -54,17 +54,19 @@ class SWAG:
         w = flatten_parameters(model).double().cpu()
         if w.numel() != self.num_params:
             raise ValueError(f"model has {w.numel()} parameters, SWAG tracks {self.num_params}")
+        # in place: d is 58M for ResNet-152, where each float64 temporary is 0.5 GB
         self.n += 1
-        self.mean += (w - self.mean) / self.n
-        self.sq_mean += (w * w - self.sq_mean) / self.n
+        self.mean.lerp_(w, 1.0 / self.n)  # mean += (w - mean) / n
+        self.sq_mean.lerp_(w.square(), 1.0 / self.n)
         if self.rank >= 2:
-            self.deviations.append((w - self.mean).float())
+            self.deviations.append(w.sub_(self.mean).float())
             if len(self.deviations) > self.rank:
                 self.deviations.pop(0)
 
     def variance(self) -> torch.Tensor:
         """Diagonal variance ``(d,)``, clamped at 1e-30."""
-        return (self.sq_mean - self.mean**2).clamp_min(1e-30)
+        var = self.mean.square()
+        return torch.sub(self.sq_mean, var, out=var).clamp_min_(1e-30)
 
     def sample_vector(
         self, scale: float = 0.5, generator: torch.Generator | None = None
@@ -83,14 +85,16 @@ class SWAG:
         if scale == 0:
             return self.mean.float()
         z1 = torch.randn(self.num_params, generator=generator, dtype=torch.float64)
-        noise = self.variance().sqrt() * z1
+        noise = self.variance().sqrt_().mul_(z1)
+        del z1
         k = len(self.deviations)
         if k < 2:
-            return (self.mean + (2 * scale) ** 0.5 * noise).float()
+            return noise.mul_((2 * scale) ** 0.5).add_(self.mean).float()
         z2 = torch.randn(k, generator=generator, dtype=torch.float64)
-        dev = torch.stack(self.deviations).double()  # (K, d)
-        noise += dev.t().mv(z2) / (k - 1) ** 0.5
-        return (self.mean + scale**0.5 * noise).float()
+        # D^T z2 without a (K, d) float64 copy
+        for z, dev in zip(z2.tolist(), self.deviations, strict=True):
+            noise.add_(dev, alpha=z / (k - 1) ** 0.5)
+        return noise.mul_(scale**0.5).add_(self.mean).float()
 
     def sample(
         self, model: nn.Module, scale: float = 0.5, generator: torch.Generator | None = None
