@@ -358,6 +358,7 @@ def test_sgd_baseline_branched_off_the_swa_run_equals_one_trained_from_the_start
     assert diff_configs(swa_run.cfg, cfg) == ["swa.enabled: True != False"]
     branch = verified_load(swa_run.dir / "branch.pt")
     assert (branch["epoch"], branch["step_in_epoch"]) == (swa_run.cfg.swa.start, 0)
+    assert branch["swag"] is None and branch["swa_model"] is None  # not needed: not stored
     Stage1(cfg, tmp_path / "scratch").fit()
     trainer = Stage1(cfg, tmp_path / "branched", branch_from=swa_run.dir)
     assert trainer.epoch == swa_run.cfg.swa.start
