@@ -18,12 +18,11 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from longtail.core.io import verified_load
 from longtail.core.rundir import RunDir
 from longtail.evaluate.calibration import apply_temperature, fit_temperature
-from longtail.evaluate.metrics import expected_calibration_error
+from longtail.evaluate.metrics import expected_calibration_error, nll
 
 
 def halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +48,7 @@ def held_out_gain(z: torch.Tensor, y: torch.Tensor, rounds: int = 50) -> tuple[f
         for fit_on, test_on in ((a, b), (b, a)):
             t = fit_temperature(z[fit_on], y[fit_on])
             zt, yt = z[test_on], y[test_on]
-            gains.append(float(F.cross_entropy(zt, yt)) - float(F.cross_entropy(zt / t, yt)))
+            gains.append(nll(zt, yt) - nll(apply_temperature(zt, t), yt))
     g = np.asarray(gains)
     return float(g.mean()), float(g.std(ddof=1) / np.sqrt(rounds))
 
@@ -69,7 +68,7 @@ def check(run_dir: str, backbone: str) -> None:
     def test_metrics(temp: float) -> str:
         z = apply_temperature(lt, temp)
         ece = expected_calibration_error(z.softmax(1), yt)
-        return f"NLL {float(F.cross_entropy(z, yt)):.4f} ECE {100 * ece:5.2f}"
+        return f"NLL {nll(z, yt):.4f} ECE {100 * ece:5.2f}"
 
     print(
         f"{run_dir}: T {t:.3f}; test at T=1: {test_metrics(1.0)}; at T: {test_metrics(t)}; "
