@@ -364,8 +364,9 @@ def _all_pytorch(conv: nn.Conv2d, x: torch.Tensor, mode: str) -> bool:
     runs as is, with autograd's single backward call, not through :class:`_Conv3x3` (whose
     per-pass wrapper and split backward cost ~8 ms of a ~110 ms ResNet-32 step on an AMX Xeon,
     where oneDNN wins every pass; docs/RESULTS.md, "Kernels chosen by measurement")."""
-    return mode == "auto" and all(
-        autotune.cached(k) == autotune.BASELINE for k in _pass_keys(conv, x)
+    return mode == "auto" and autotune.memo(
+        (NAME, x.shape, conv.out_channels, conv.stride[0]),
+        lambda: all(autotune.cached(k) == autotune.BASELINE for k in _pass_keys(conv, x)),
     )
 
 
@@ -389,14 +390,11 @@ def conv3x3_fork(
     autograd's separate add of the two branch gradients (one read and write of the activation).
     Otherwise this is ``(conv3x3(conv, x, kernels), x)``.
     """
-    if (
-        kernels != "off"
-        and conv.stride == (1, 1)
-        and not torch.compiler.is_compiling()
-        and _applies(conv, x)
-        and not _all_pytorch(conv, x, kernels)
-    ):
-        return _Conv3x3Fork.apply(x, conv.weight, kernels)
+    if kernels != "off" and not torch.compiler.is_compiling() and _applies(conv, x):
+        if _all_pytorch(conv, x, kernels):
+            return conv(x), x  # what conv3x3 would do, without asking again
+        if conv.stride == (1, 1):
+            return _Conv3x3Fork.apply(x, conv.weight, kernels)
     return conv3x3(conv, x, kernels), x
 
 

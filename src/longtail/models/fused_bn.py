@@ -249,17 +249,25 @@ def _pytorch_path(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None)
     return F.relu_(out)
 
 
+def _key(x: torch.Tensor, residual: torch.Tensor | None, grad: bool) -> str:
+    """Autotune key of the fused op on ``x`` (with a residual or not, with a backward or not)."""
+    shape = "x".join(map(str, x.shape))
+    return f"{NAME}|{str(x.dtype)[6:]}|{shape}|res={int(residual is not None)}|grad={int(grad)}"
+
+
 def _decide(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None) -> str:
     """Kernel or PyTorch for this shape, timed on copies of the real tensors (fwd + bwd when
     autograd will need the backward, else the forward alone); neither touches ``bn``."""
     grad = torch.is_grad_enabled() and (x.requires_grad or bn.weight.requires_grad)
-    shape = "x".join(map(str, x.shape))
-    key = f"{NAME}|{str(x.dtype)[6:]}|{shape}|res={int(residual is not None)}|grad={int(grad)}"
-    if torch.compiler.is_compiling():  # no timing while tracing: eager runs decided it
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # decided: no copies (they cost ~4 tensor copies per call)
+        site = (NAME, x.dtype, x.shape, residual is not None, grad)
+        known = autotune.memo(site, lambda: autotune.cached(_key(x, residual, grad)))
+        if known is not None:
+            return known
+    key = _key(x, residual, grad)
+    if compiling:  # no timing while tracing: eager runs decided it
         return autotune.lookup(key) or autotune.BASELINE
-    known = autotune.cached(key)
-    if known is not None:  # decided: no copies (they cost ~4 tensor copies per call)
-        return known
     xs = x.detach().clone().requires_grad_(grad)
     rs = None if residual is None else residual.detach().contiguous(memory_format=CL).clone()
     w = bn.weight.detach().clone().requires_grad_(grad)
