@@ -114,6 +114,14 @@ def test_dtype_and_device_preserved(device, dtype):
     assert out.shape == (4, 3, 8, 10)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 0, 8, 8), (2, 3, 0, 5)])
+def test_empty_batches_stay_empty(shape):
+    x = torch.zeros(shape, dtype=torch.uint8)
+    for padding in (0, 2):
+        out = random_crop_flip(x, padding, True, torch.Generator().manual_seed(0))
+        assert out.shape == shape
+
+
 def test_non_square_and_grayscale_values_come_from_input():
     x = random_batch(b=8, c=1, h=6, w=10, seed=2) | 1  # no zeros in the image itself
     out = random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(1))

@@ -407,3 +407,21 @@ def test_a_shape_decided_again_is_routed_by_the_new_decision(monkeypatch):
     autotune.install({key: autotune.Decision("kernel", {"kernel": 1.0, "pytorch": 2.0})})
     fused_bn.bn_relu(bn, x).sum().backward()
     assert calls == [1]
+
+
+def test_the_whole_step_is_timed_with_the_routes_remembered():
+    """tune_model collects keys with the memo aside, but times the whole step as training runs
+    it, routes remembered: otherwise the step with the kernels would pay a per-call look-up
+    that training does not, and the check would lean towards PyTorch."""
+    seen: dict[str, int] = {}
+
+    def timer(name, fn):
+        fn()
+        seen[name] = autotune._collecting
+        return {"kernel": 1.0, "pytorch": 2.0, autotune.STEP: 1.0}[name]
+
+    autotune.use_timer(timer)
+    model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
+    table = autotune.tune_model(model, torch.randn(4, 3, 8, 8).contiguous(memory_format=CL))
+    assert any(k.startswith("step|") for k in table)
+    assert seen[autotune.STEP] == 0 and autotune._collecting == 0

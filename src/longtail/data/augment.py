@@ -40,9 +40,9 @@ def random_crop_flip(
     if flip:
         flipped = (torch.rand(b, generator=generator) < 0.5).to(dev).view(b, 1)
         cols = torch.where(flipped, cols.flip(1), cols)
-    wp = w + 2 * max(padding, 0)
+    hp, wp = h + 2 * max(padding, 0), w + 2 * max(padding, 0)
     flat = (rows.unsqueeze(2) * wp + cols.unsqueeze(1)).view(b, 1, h * w)
-    return x.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
+    return x.reshape(b, c, hp * wp).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
 def normalize(

@@ -73,6 +73,7 @@ _used: set[str] = set()  # full keys asked for by this process
 _latest: dict[str, str] = {}  # key -> choice at this process's thread count (a plain dict
 # that torch.compile can read while tracing; see lookup)
 _recorders: list[set[str]] = []  # open tune_model() calls collecting the keys they meet
+_collecting = 0  # > 0 while tune_model's first step collects keys: memo steps aside
 _version = 0  # bumped whenever the decisions held in memory may have changed (see memo)
 _memo: dict[tuple, object] = {}
 _memo_for: tuple | None = None  # the (version, threads, $LONGTAIL_CACHE_DIR) _memo was filled under
@@ -248,7 +249,8 @@ def cached(key: str) -> str | None:
 def memo(site: tuple, compute: Callable[[], T]) -> T:
     """``compute()``, remembered for ``site`` while the decisions held in this process, the
     thread count and ``$LONGTAIL_CACHE_DIR`` stay the same; always computed while
-    :func:`tune_model` collects the keys a step meets.
+    :func:`tune_model`'s first step collects the keys it meets (its whole-step timing then pays
+    the routing a training step pays).
 
     For the kernels' per-call routing: building the keys of a convolution's three passes and
     looking each up took ~13 us, ~3 ms of a ResNet-32 bf16 training step's ~80 ms (forward
@@ -256,7 +258,7 @@ def memo(site: tuple, compute: Callable[[], T]) -> T:
     ``compute`` depends on besides the decisions (shapes, dtype, mode, ...).
     """
     global _memo_for
-    if _recorders:
+    if _collecting:
         return compute()
     # $LONGTAIL_CACHE_DIR moves the cache (tests do, to decide afresh); a change of $HOME or
     # $XDG_CACHE_HOME alone is noticed at the next decision (kernels.cache_dir costs 1.7 us).
@@ -356,11 +358,16 @@ def tune_model(
     two OpenMP runtimes taking turns). Returns the decisions met, by full key; apply the step's
     verdict with :func:`apply_step_verdict`.
     """
+    global _collecting
     met: set[str] = set()
     _recorders.append(met)
     try:
         step = _step(copy.deepcopy(model), example, autocast)
-        step()
+        _collecting += 1
+        try:
+            step()
+        finally:
+            _collecting -= 1
         table = decisions()
         if any(table[k].choice != BASELINE for k in met) and hasattr(model, "kernels"):
             plain = copy.deepcopy(model)
