@@ -252,10 +252,11 @@ def memo(site: tuple, compute: Callable[[], T]) -> T:
     :func:`tune_model`'s first step collects the keys it meets (its whole-step timing then pays
     the routing a training step pays).
 
-    For the kernels' per-call routing: building the keys of a convolution's three passes and
-    looking each up took ~13 us, ~3 ms of a ResNet-32 bf16 training step's ~80 ms (forward
-    alone, 2-core AMX Xeon, 2026-12-06); a remembered route takes ~2 us. ``site`` holds what
-    ``compute`` depends on besides the decisions (shapes, dtype, mode, ...).
+    For the kernels' per-call routing: building a convolution's three pass keys and looking
+    each up took ~14 us per call, and routing a ResNet-32 bf16 forward of 128 images cost 3.0 ms
+    more than calling the decided ops directly; remembered, ~2 us and 1.0-1.5 ms (2-core AMX
+    Xeon, 2026-12-06, ``benchmarks/host_overhead.py``). ``site`` holds what ``compute`` depends
+    on besides the decisions (shapes, dtype, ...).
     """
     global _memo_for
     if _collecting:
