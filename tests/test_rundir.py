@@ -6,6 +6,7 @@ one tiny digits-LT run interrupted in its final step (test_cli.py's overrides: 2
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -127,21 +128,48 @@ def test_a_run_stopped_in_its_final_step_is_resumable_not_finished(tmp_path, mon
     assert logs == [f"seed 0: stage 1 already done in {run.path}"]
 
 
+def test_sweep_starts_again_a_seed_stopped_before_its_first_checkpoint(swa_run, tmp_path):
+    """A sweep stopped while a seed's run had only ``config.yaml`` (before its first checkpoint)
+    runs that seed again from the start when restarted. Guards: the sweep passing such a run to
+    Stage1 as a new run, which refused the started folder and stopped the whole sweep."""
+    _copy(swa_run.dir, tmp_path / "seed0", ["config.yaml", "run.json"])
+    logs: list[str] = []
+    run_seed("digits_lt", 0, tmp_path, overrides=TINY_CLI, vary_subset=False, log=logs.append)
+    run = RunDir(tmp_path / "seed0")
+    assert logs == [
+        f"seed 0: {run.path} stopped before its first checkpoint: starting it again",
+        f"seed 0: stage 1 -> {run.path}",
+    ]
+    assert run.finished
+
+
 def test_resumable_means_a_checkpoint_to_continue_from(swa_run, tmp_path, capsys):
     """Resumable is "has a checkpoint" (what ``--resume`` loads), as the sweep, the demo and
     Stage1 decided it; ``config.yaml`` alone makes a started run that is not resumable, and
-    ``train --resume`` on it says there is no checkpoint yet. Guards: resumable judged by
-    ``config.yaml`` (the old benchmark script's test), which sends a run stopped before its
-    first checkpoint to ``--resume`` and fails; files that only look like checkpoints counted."""
+    ``train --resume`` on it starts it again from step 0 in the same folder (there is nothing
+    to continue from and nothing to lose; it used to refuse, and a new run into the folder was
+    refused too, so such a run could be neither resumed nor restarted). Guards: resumable
+    judged by ``config.yaml`` (the old benchmark script's test); files that only look like
+    checkpoints counted; a restart keeping the stopped attempt's metrics rows."""
     empty = RunDir(tmp_path / "missing")
     assert not (empty.started or empty.resumable or empty.finished)
+
+    run = _copy(swa_run.dir, tmp_path / "run", ["config.yaml", "metrics.csv"])
+    (run.path / "ckpt-x.pt").write_bytes(b"x")
+    (run.path / "other.pt").write_bytes(b"x")
+    assert run.started and not run.resumable and not run.finished
+    code, _, err = run_main(["train", "--resume", str(run.path)], capsys)
+    assert code == 0, err
+    assert run.finished
+    with open(run.metrics_path) as f:  # one row per epoch, the stopped attempt's dropped
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == list(range(1, len(epochs) + 1))
+    shutil.rmtree(run.path)
 
     run = _copy(swa_run.dir, tmp_path / "run", ["config.yaml"])
     (run.path / "ckpt-x.pt").write_bytes(b"x")
     (run.path / "other.pt").write_bytes(b"x")
     assert run.started and not run.resumable and not run.finished
-    line = assert_one_line_error(*run_main(["train", "--resume", str(run.path)], capsys))
-    assert f"no checkpoint in {str(run.path)!r} yet" in line
 
     save_checkpoint({"epoch": 0}, run.path, 0, 5)
     save_checkpoint({"epoch": 1}, run.path, 1, 0)

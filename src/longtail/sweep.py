@@ -23,6 +23,7 @@ The aggregate (mean ± std over seeds) is printed, written to ``OUT/summary.json
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from longtail.classify import registry
@@ -60,6 +61,9 @@ def run_seed(
     if state.finished:
         log(f"seed {seed}: stage 1 already done in {run}")
         return run
+    if state.started and not state.resumable:  # stopped before its first checkpoint
+        log(f"seed {seed}: {run} stopped before its first checkpoint: starting it again")
+        shutil.rmtree(run)
     resume = state.resumable
     what = "SGD baseline (SWA off, lr annealed to 0)" if baseline else "stage 1"
     log(f"seed {seed}: {what} -> {run}" + (" (resuming)" if resume else ""))

@@ -174,13 +174,18 @@ class Stage1:
         self.steps_per_epoch = self.loaders["train"].num_batches(len(self.sampler), drop_last=True)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.branched_from: dict | None = None
-        if resume:
+        # --resume on a run stopped before its first checkpoint: nothing to continue from and
+        # nothing to lose, so it starts again from step 0 in the same folder (config checked)
+        restart = resume and not self.rundir.resumable
+        if restart:
+            self._truncate_log(0)
+        elif resume:
             self._restore()
         elif branch_from is not None:
             self._branch(RunDir(branch_from))
         # the run's ETA: wall time per step so far in this process (evaluation included)
         self._clock = (time.perf_counter(), self.global_step)
-        if self.rt.is_main and not resume:
+        if self.rt.is_main and (restart or not resume):
             self._write_run_info()
         if self.branched_from is not None:
             self._checkpoint()  # from here on the run resumes like any other
@@ -244,8 +249,6 @@ class Stage1:
         }
 
     def _restore(self) -> None:
-        if not self.rundir.resumable:
-            raise LongtailError(f"--resume: no checkpoint in {str(self.out)!r} yet; start afresh")
         state = load_latest_checkpoint(self.out, map_location=self.rt.device)
         self._load_state(state)
         if self.swa_model is not None and state["swa_model"] is not None:
