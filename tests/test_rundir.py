@@ -71,6 +71,7 @@ def test_rundir_paths_and_readers_match_what_stage1_wrote(swa_run):
     assert run.checkpoints() == sorted(d.glob("ckpt-*.pt")) and len(run.checkpoints()) == 2
     assert {p.name for p in d.iterdir()} >= _stage1_files(run)
     assert run.finished and run.resumable and run.started
+    assert not run.stopped_before_first_checkpoint
 
 
 def test_finished_needs_stage1_json_and_every_model_it_reports(swa_run, plain_run, tmp_path):
@@ -113,6 +114,7 @@ def test_a_run_stopped_in_its_final_step_is_resumable_not_finished(tmp_path, mon
     run = RunDir(tmp_path / "seed0")
     assert run.model_path("final").is_file() and not run.stage1_path.exists()
     assert not run.finished and run.resumable and run.started
+    assert not run.stopped_before_first_checkpoint
 
     monkeypatch.undo()
     logs: list[str] = []
@@ -153,11 +155,13 @@ def test_resumable_means_a_checkpoint_to_continue_from(swa_run, tmp_path, capsys
     checkpoints counted; a restart keeping the stopped attempt's metrics rows."""
     empty = RunDir(tmp_path / "missing")
     assert not (empty.started or empty.resumable or empty.finished)
+    assert not empty.stopped_before_first_checkpoint
 
     run = _copy(swa_run.dir, tmp_path / "run", ["config.yaml", "metrics.csv"])
     (run.path / "ckpt-x.pt").write_bytes(b"x")
     (run.path / "other.pt").write_bytes(b"x")
     assert run.started and not run.resumable and not run.finished
+    assert run.stopped_before_first_checkpoint
     code, _, err = run_main(["train", "--resume", str(run.path)], capsys)
     assert code == 0, err
     assert run.finished
@@ -173,7 +177,7 @@ def test_resumable_means_a_checkpoint_to_continue_from(swa_run, tmp_path, capsys
 
     save_checkpoint({"epoch": 0}, run.path, 0, 5)
     save_checkpoint({"epoch": 1}, run.path, 1, 0)
-    assert run.resumable and not run.finished
+    assert run.resumable and not run.finished and not run.stopped_before_first_checkpoint
     assert [p.name for p in run.checkpoints()] == ["ckpt-0000-0000005.pt", "ckpt-0001-0000000.pt"]
     assert run.checkpoint_path(1, 0) == run.checkpoints()[-1]
 

@@ -153,10 +153,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     run = RunDir(out)
     cfg = load_config("digits_lt", a.overrides)
+    if run.stopped_before_first_checkpoint:
+        shutil.rmtree(out)
     done = run.finished
     resume = run.resumable and not done
-    if run.started and not (done or resume):
-        shutil.rmtree(out)  # a demo stopped before its first checkpoint: start it again
     if not done:
         print(f"stage 1: ResNet-32 on digits-LT (IF {cfg.data.imbalance:g}) with SWA/SWAG -> {out}")
         Stage1(cfg, out, resume=resume).fit()

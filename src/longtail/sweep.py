@@ -61,7 +61,7 @@ def run_seed(
     if state.finished:
         log(f"seed {seed}: stage 1 already done in {run}")
         return run
-    if state.started and not state.resumable:  # stopped before its first checkpoint
+    if state.stopped_before_first_checkpoint:
         log(f"seed {seed}: {run} stopped before its first checkpoint: starting it again")
         shutil.rmtree(run)
     resume = state.resumable

@@ -206,6 +206,13 @@ class RunDir:
         return bool(self.checkpoints())
 
     @property
+    def stopped_before_first_checkpoint(self) -> bool:
+        """Started here but stopped before its first checkpoint (and not finished): there is
+        nothing to resume and nothing to lose, so ``demo`` and ``sweep`` start it again from
+        scratch (and ``train --resume`` restarts it from step 0 in place)."""
+        return self.started and not self.resumable and not self.finished
+
+    @property
     def finished(self) -> bool:
         """Stage 1 ran to its end: ``stage1.json`` (written last) is there, readable, and so is
         every model it reports: ``model_final.pt``, plus ``model_swa.pt`` and ``swag.pt`` when
