@@ -1,12 +1,14 @@
-"""Whole-batch augmentation: random crop with zero padding, horizontal flip, normalisation."""
+"""Whole-batch augmentation: random crop with zero padding, horizontal flip, random erasing,
+normalisation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from longtail.data.augment import normalize, random_crop_flip
+from longtail.data.augment import ERASE_AREA, ERASE_RATIO, normalize, random_crop_flip, random_erase
 
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -163,3 +165,87 @@ def test_normalize_channels_last():
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert cl.shape == (3, 3, 32, 32)
     assert torch.equal(cl, plain)
+
+
+def erased_boxes(x: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """Per image, the bounding box ``(top, left, h, w)`` of the pixels ``out`` changed (in
+    any channel), or ``None`` when it changed none."""
+    boxes = []
+    for a, b in zip(x, out, strict=True):
+        changed = (a != b).any(0)
+        if not changed.any():
+            boxes.append(None)
+            continue
+        rows = changed.any(1).nonzero().flatten()
+        cols = changed.any(0).nonzero().flatten()
+        top, left = int(rows[0]), int(cols[0])
+        boxes.append((top, left, int(rows[-1]) - top + 1, int(cols[-1]) - left + 1))
+    return boxes
+
+
+def test_random_erase_replaces_one_rectangle_per_erased_image():
+    """About ``p`` of the images change, each inside one rectangle of the drawn size range,
+    and every pixel outside it keeps its value. Guards: a mask broadcast across the batch or
+    the channels, rectangles outside the area / aspect bounds, untouched images changed."""
+    x = random_batch(b=400, c=3, h=32, w=32, seed=5)
+    out = random_erase(x, 0.5, torch.Generator().manual_seed(2))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    boxes = erased_boxes(x, out)
+    erased = [bx for bx in boxes if bx is not None]
+    assert 160 <= len(erased) <= 240  # Binomial(400, 0.5): mean 200, sd 10
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        top, left, h, w = box
+        a, b = x[i], out[i]
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[top : top + h, left : left + w] = False
+        assert torch.equal(a[:, outside], b[:, outside])
+        # the random values differ from the input almost everywhere: the box is the rectangle
+        area = h * w / (32 * 32)
+        assert ERASE_AREA[0] * 0.5 <= area <= ERASE_AREA[1] * 1.3
+        assert ERASE_RATIO[0] / 2 <= h / w <= ERASE_RATIO[1] * 2
+    sizes = {(h, w) for _, _, h, w in erased}
+    assert len(sizes) > 50  # sizes are drawn per image, not once per batch
+
+
+def test_random_erase_probability_bounds_and_reproducibility():
+    """``p = 0`` returns the batch itself, ``p = 1`` erases every image; the same generator
+    seed gives the same output, another seed another; empty batches stay empty."""
+    x = random_batch(b=64, seed=7)
+    assert random_erase(x, 0.0, torch.Generator().manual_seed(0)) is x
+    out = random_erase(x, 1.0, torch.Generator().manual_seed(0))
+    assert all(bx is not None for bx in erased_boxes(x, out))
+    again = random_erase(x, 1.0, torch.Generator().manual_seed(0))
+    other = random_erase(x, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    empty = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
+    assert random_erase(empty, 1.0).shape == (0, 3, 8, 8)
+
+
+def test_random_erase_leaves_images_too_small_for_any_rectangle():
+    """A 1 x 1 image fits no rectangle smaller than itself: it is returned unchanged, as
+    torchvision's RandomErasing does after its attempts."""
+    x = random_batch(b=32, c=1, h=1, w=1, seed=1)
+    assert torch.equal(random_erase(x, 1.0, torch.Generator().manual_seed(0)), x)
+
+
+def test_erasing_reaches_the_training_batches_only():
+    """``data.erasing`` changes the training loader's batches and no evaluation loader's, and
+    an out-of-range value is refused naming the key. Guards: the key parsed but never passed
+    to the loader; erasing applied to validation or test images."""
+    from longtail.config import load_config
+    from longtail.core.errors import LongtailError
+    from longtail.core.runtime import make_runtime
+    from longtail.data.build import build_data, make_loaders
+
+    with pytest.raises(LongtailError, match=r"data.erasing.*\[0, 1\]"):
+        load_config("digits_lt", ["data.erasing=1.5"])
+    batches = {}
+    for p in (0.0, 1.0):
+        cfg = load_config("digits_lt", [f"data.erasing={p}", "data.padding=0", "data.flip=false"])
+        loaders = make_loaders(cfg, build_data(cfg), make_runtime("cpu", "fp32", False))
+        idx = np.arange(64)
+        batches[p] = {k: next(iter(loaders[k].batches(idx)))[0] for k in ("train", "test")}
+    assert not torch.equal(batches[0.0]["train"], batches[1.0]["train"])
+    assert torch.equal(batches[0.0]["test"], batches[1.0]["test"])

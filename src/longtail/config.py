@@ -32,6 +32,7 @@ class DataConfig:
     val_per_class: int = 20
     padding: int = 4  # random-crop padding, in-memory data
     flip: bool = True
+    erasing: float = 0.0  # random erasing probability per training image (Zhong et al. 2020)
     image_size: int = 224  # crop side for file-backed data
     color_jitter: float = 0.0
     num_workers: int = 2
@@ -296,6 +297,7 @@ def validate(cfg: DictConfig) -> None:
         ("optim.epochs", cfg.optim.epochs >= 1, ">= 1"),
         ("optim.batch_size", cfg.optim.batch_size >= 1, ">= 1"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
+        ("data.erasing", 0 <= cfg.data.erasing <= 1, "in [0, 1] (a probability per image)"),
         ("data.imbalance", cfg.data.imbalance is None or cfg.data.imbalance >= 1, ">= 1"),
         ("seed", cfg.seed >= 0, ">= 0"),
         ("data.subset_seed", cfg.data.subset_seed >= 0, ">= 0"),

@@ -1,10 +1,13 @@
 """Whole-batch augmentation of uint8 image tensors, on the device that trains.
 
 No per-sample Python: a batch ``(B, C, H, W)`` is padded once, then cropped and flipped by one
-gather; normalisation happens in the same pass that casts to float.
+gather, optionally given one randomly erased rectangle per image (:func:`random_erase`);
+normalisation happens in the same pass that casts to float.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,60 @@ def random_crop_flip(
     hp, wp = h + 2 * max(padding, 0), w + 2 * max(padding, 0)
     flat = (rows.unsqueeze(2) * wp + cols.unsqueeze(1)).view(b, 1, h * w)
     return x.reshape(b, c, hp * wp).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
+
+
+ERASE_AREA = (0.02, 0.4)  # Zhong et al. (2020): erased area, as a fraction of the image
+ERASE_RATIO = (0.3, 1 / 0.3)  # and its aspect ratio h / w, drawn log-uniformly
+ERASE_ATTEMPTS = (
+    10  # rectangles drawn per image; the first that fits is erased (torchvision's rule)
+)
+
+
+def random_erase(
+    x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) for a whole batch: with probability ``p`` an image
+    gets one rectangle of uniform random pixel values (0..255) in every channel.
+
+    The rectangle covers a fraction ``U(0.02, 0.4)`` of the image with aspect ratio
+    ``h / w`` log-uniform in ``[0.3, 3.33]`` and a uniformly drawn position; of
+    :data:`ERASE_ATTEMPTS` such draws per image the first that fits inside it is used, and an
+    image none fits is left as it is (as ``torchvision.transforms.RandomErasing``).
+
+    Args:
+        x: ``(B, C, H, W)`` images with values in 0..255 (uint8 in the hot loop).
+        p: probability that an image is erased, in ``[0, 1]``.
+        generator: CPU random generator (all draws are made on the CPU, then moved).
+    Returns:
+        ``(B, C, H, W)`` tensor of ``x``'s dtype and device; ``x`` itself when ``p == 0``.
+    """
+    b, c, h, w = x.shape
+    if p <= 0 or b == 0:
+        return x
+    dev, k = x.device, ERASE_ATTEMPTS
+    apply = torch.rand(b, generator=generator) < p
+    area = (
+        h
+        * w
+        * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * torch.rand(b, k, generator=generator))
+    )
+    lo, hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    ratio = torch.exp(lo + (hi - lo) * torch.rand(b, k, generator=generator))
+    eh = torch.sqrt(area * ratio).round().long()
+    ew = torch.sqrt(area / ratio).round().long()
+    fits = (eh >= 1) & (ew >= 1) & (eh < h) & (ew < w)
+    first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (0 if none does)
+    eh, ew = eh.gather(1, first).squeeze(1), ew.gather(1, first).squeeze(1)
+    apply &= fits.any(1)
+    top = (torch.rand(b, generator=generator) * (h - eh + 1)).long()
+    left = (torch.rand(b, generator=generator) * (w - ew + 1)).long()
+    noise = torch.randint(0, 256, (b, c, h, w), generator=generator, dtype=torch.uint8)
+    rows = torch.arange(h).view(1, h)
+    cols = torch.arange(w).view(1, w)
+    in_rows = (rows >= top.view(b, 1)) & (rows < (top + eh).view(b, 1))
+    in_cols = (cols >= left.view(b, 1)) & (cols < (left + ew).view(b, 1))
+    mask = (in_rows.unsqueeze(2) & in_cols.unsqueeze(1) & apply.view(b, 1, 1)).unsqueeze(1)
+    return torch.where(mask.to(dev), noise.to(dev, x.dtype), x)
 
 
 def normalize(

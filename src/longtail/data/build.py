@@ -77,7 +77,13 @@ def make_loaders(
     bs = batch_size or max(cfg.optim.batch_size // rt.world_size, 1)
     out = {
         "train": BatchLoader(
-            splits.train, bs, train=True, seed=cfg.seed, color_jitter=d.color_jitter, **common
+            splits.train,
+            bs,
+            train=True,
+            seed=cfg.seed,
+            color_jitter=d.color_jitter,
+            erasing=d.erasing,
+            **common,
         ),
         "train_eval": BatchLoader(splits.train, 512, **common),
         "test": BatchLoader(splits.test, 512, **common),

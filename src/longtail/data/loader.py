@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from longtail.data.augment import normalize, random_crop_flip
+from longtail.data.augment import normalize, random_crop_flip, random_erase
 from longtail.data.datasets import ImageDataset
 
 
@@ -30,6 +30,9 @@ class BatchLoader:
         num_workers: DataLoader workers for file-backed data.
         channels_last: return channels-last tensors (faster convolutions on CPU and GPU).
         seed: seed of the augmentation generator.
+        color_jitter: colour jitter strength of the streaming pipeline (RGB files only).
+        erasing: random-erasing probability per training image
+            (:func:`~longtail.data.augment.random_erase`, after crop and flip; both storages).
     """
 
     def __init__(
@@ -46,9 +49,10 @@ class BatchLoader:
         channels_last: bool = False,
         seed: int = 0,
         color_jitter: float = 0.0,
+        erasing: float = 0.0,
     ):
         self.ds, self.batch_size, self.device = ds, int(batch_size), torch.device(device)
-        self.train, self.padding, self.flip = train, padding, flip
+        self.train, self.padding, self.flip, self.erasing = train, padding, flip, erasing
         self.channels_last, self.num_workers = channels_last, num_workers
         self.mean = torch.tensor(ds.mean, device=self.device)
         self.std = torch.tensor(ds.std, device=self.device)
@@ -86,6 +90,7 @@ class BatchLoader:
             x = self.images.index_select(0, idx)
             if self.train:
                 x = random_crop_flip(x, self.padding, self.flip, self.generator)
+                x = random_erase(x, self.erasing, self.generator)
             yield normalize(x, self.mean, self.std, self.channels_last), self.labels[idx]
 
     def _file_batches(self, chunks):
@@ -98,4 +103,6 @@ class BatchLoader:
         )
         for x, y in dl:
             x = x.to(self.device, non_blocking=True)
+            if self.train:
+                x = random_erase(x, self.erasing, self.generator)
             yield normalize(x, self.mean, self.std, self.channels_last), y.to(self.device)
