@@ -17,6 +17,7 @@ import argparse
 import random
 from pathlib import Path
 
+from longtail.core.errors import LongtailError
 from longtail.evaluate.results import load_results
 
 DEFAULT_METHODS = ("joint", "ncm", "crt", "lws", "logit_adjust", "srepr", "srepr_ce", "swag_bma")
@@ -50,7 +51,10 @@ def main() -> None:
     a = ap.parse_args()
     print(f"{'run':28s} {'method':13s} {'val %':>6s} {'± sd':>5s} {'test %':>7s} {'vs joint':>8s}")
     for run in a.runs:
-        res = load_results(run)
+        try:
+            res = load_results(run)
+        except LongtailError as e:
+            raise SystemExit(f"stage1_choices: {e}") from None
         joint = 100 * res.methods["joint"].test.accuracy
         for name in a.methods:
             if name not in res.methods:
