@@ -50,9 +50,8 @@ def random_crop_flip(
 
 ERASE_AREA = (0.02, 0.4)  # Zhong et al. (2020): erased area, as a fraction of the image
 ERASE_RATIO = (0.3, 1 / 0.3)  # and its aspect ratio h / w, drawn log-uniformly
-ERASE_ATTEMPTS = (
-    10  # rectangles drawn per image; the first that fits is erased (torchvision's rule)
-)
+# rectangles drawn per image; the first that fits is erased (torchvision's rule)
+ERASE_ATTEMPTS = 10
 
 
 def random_erase(
@@ -78,11 +77,8 @@ def random_erase(
         return x
     dev, k = x.device, ERASE_ATTEMPTS
     apply = torch.rand(b, generator=generator) < p
-    area = (
-        h
-        * w
-        * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * torch.rand(b, k, generator=generator))
-    )
+    share = torch.rand(b, k, generator=generator)
+    area = h * w * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * share)
     lo, hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
     ratio = torch.exp(lo + (hi - lo) * torch.rand(b, k, generator=generator))
     eh = torch.sqrt(area * ratio).round().long()
