@@ -3,10 +3,11 @@
     python benchmarks/stage1_choices.py RUN [RUN ...] [--methods joint crt lws srepr ...]
 
 Each RUN is a classified ``longtail train`` folder (``results.json``). For every run and
-method it prints the validation balanced accuracy (the hold-out that chooses; with its bootstrap
-sd over the validation images, 2,000 resamples, seed 0), then the test accuracy and the gain
-over the same run's joint classifier (read only, reported). A setting is preferred on
-validation only where its validation accuracy leads by more than that sd.
+method it prints the validation balanced accuracy (the hold-out that chooses, with its sd over
+the project's stratified bootstrap of the validation images: :func:`bootstrap_sd`), then the
+test accuracy and the gain over the same run's joint classifier (read only, reported). A
+setting is preferred on validation only where its validation accuracy leads by more than that
+sd.
 
 docs/RESULTS.md quotes its output for issue 18's weight-decay measurement. It trains nothing.
 """
@@ -14,32 +15,31 @@ docs/RESULTS.md quotes its output for issue 18's weight-decay measurement. It tr
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
+import numpy as np
+
 from longtail.core.errors import LongtailError
+from longtail.evaluate.bootstrap import bootstrap_gaps
 from longtail.evaluate.results import load_results
 
 DEFAULT_METHODS = ("joint", "ncm", "crt", "lws", "logit_adjust", "srepr", "srepr_ce", "swag_bma")
 
 
-def bootstrap_sd(per_class: list[float], n_per_class: int, reps: int = 2000) -> float:
-    """Sd (points) of the balanced accuracy over resampled validation images.
+def bootstrap_sd(per_class: list[float], n_per_class: int) -> float:
+    """Sd (points) of the balanced accuracy over the project's stratified bootstrap of the
+    validation images (:func:`longtail.evaluate.bootstrap.bootstrap_gaps`, as ``fit`` and SRepr
+    judge their hold-outs).
 
-    ``per_class`` holds each class's validation accuracy (0-1) on ``n_per_class`` images; every
-    class is resampled on its own (the split is class-balanced), so only the hits are needed.
+    ``per_class`` holds each class's validation accuracy (0-1) on ``n_per_class`` images; the
+    hits are all a class resample needs, so they stand for the predictions. Against the true
+    labels (always right) the gap is ``1 - accuracy``, whose sd is the accuracy's.
     """
-    rng = random.Random(0)
-    hits = [
-        [1] * round(a * n_per_class) + [0] * (n_per_class - round(a * n_per_class))
-        for a in per_class
-    ]
-    values = []
-    for _ in range(reps):
-        accs = [sum(rng.choice(h) for _ in h) / len(h) for h in hits]
-        values.append(100 * sum(accs) / len(accs))
-    m = sum(values) / reps
-    return (sum((v - m) ** 2 for v in values) / (reps - 1)) ** 0.5
+    hits = np.concatenate([np.arange(n_per_class) < round(a * n_per_class) for a in per_class])
+    labels = np.repeat(np.arange(len(per_class)), n_per_class)
+    pred = np.where(hits, labels, (labels + 1) % len(per_class))
+    gaps = bootstrap_gaps({"head": pred, "labels": labels}, labels, len(per_class), best="labels")
+    return 100 * gaps["head"][1]
 
 
 def main() -> None:
