@@ -26,7 +26,13 @@ from longtail.classify import methods
 from longtail.classify.heads import head_spec
 from longtail.classify.srepr import train_srepr
 from longtail.core.io import verified_load
-from longtail.fit.bundle import DeployedClassifier, load_bundle, save_bundle
+from longtail.fit.bundle import (
+    DeployedClassifier,
+    DeployedEnsemble,
+    load_bundle,
+    members,
+    save_bundle,
+)
 from longtail.fit.export import ExportError, export_model, nonstandard_ops
 from longtail.fit.images import Preprocessing, decode, decode_array
 from longtail.fit.predict import load_classifier, predict
@@ -34,6 +40,11 @@ from longtail.fit.predict import load_classifier, predict
 pytestmark = pytest.mark.fashion_mnist
 README = Path(__file__).resolve().parents[1] / "README.md"
 NO_TORCH = "import sys; sys.modules['torch'] = None  # any import of torch now fails\n"
+
+
+def _single(spec: dict) -> dict:
+    """One member's spec from a fitted bundle's (an ensemble's top level is its first member)."""
+    return {k: v for k, v in spec.items() if k != "members"}
 
 
 def _heldout_images(fitted, bundle) -> tuple[list[str], torch.Tensor]:
@@ -84,7 +95,8 @@ def test_kernels_switched_on_still_export_standard_ops(fitted):
     """The rebuilt network with its kernels forced on: torch.export still records ATen ops only
     (guards against a kernel's ctypes call or custom op leaking into an exported graph)."""
     model = load_bundle(fitted.out).model
-    model.backbone.kernels = "on"
+    for m in members(model):
+        m.backbone.kernels = "on"
     x = torch.rand(4, 1, 28, 28)
     program = torch.export.export(
         model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
@@ -169,15 +181,15 @@ def _head(name: str, run: Path, backbone: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["ncm", "tau", "lws", "srepr"])
 def test_bundle_with_each_head_exports_to_onnx(fitted, tmp_path, name):
     fit_bundle = load_bundle(fitted.out)
-    backbone = fit_bundle.model.backbone
+    backbone = members(fit_bundle.model)[0].backbone
     # the selection run ran every method (the re-fit in OUT/run only the chosen one), so its
     # features and SWAG banks are there; the heads' shapes are the bundle backbone's
     selection = Path(json.loads((fitted.out / "fit.json").read_text())["selection_run_dir"])
     head = _head(name, selection, backbone)
     prep = fit_bundle.preprocessing
-    mirror = fit_bundle.model.mirror  # as the fit chose it on its hold-out
+    mirror = members(fit_bundle.model)[0].mirror  # as the fit chose it on its hold-out
     model = DeployedClassifier(backbone, head, 1.7, prep.mean, prep.std, mirror=mirror)
-    spec = {**fit_bundle.meta["spec"], "head": head_spec(head)}
+    spec = {**_single(fit_bundle.meta["spec"]), "head": head_spec(head)}
     meta = {k: fit_bundle.meta[k] for k in ("classes", "preprocessing")}
     check = fit_bundle.check_images()
     b = save_bundle(
@@ -276,7 +288,7 @@ def test_mirror_averaged_bundle_is_mirror_invariant_and_exports(fitted, tmp_path
     features, identical for an image and its mirror image, kept through model.pt, ONNX and
     TorchScript; without it, not invariant (the images are not symmetric)."""
     fit_bundle = load_bundle(fitted.out)
-    m = fit_bundle.model
+    m = members(fit_bundle.model)[0]
     prep = fit_bundle.preprocessing
     meta = {k: fit_bundle.meta[k] for k in ("classes", "preprocessing")}
     _, x = _heldout_images(fitted, fit_bundle)
@@ -286,7 +298,7 @@ def test_mirror_averaged_bundle_is_mirror_invariant_and_exports(fitted, tmp_path
         b = save_bundle(
             tmp_path / f"mirror-{mirror}",
             model,
-            spec={**fit_bundle.meta["spec"], "mirror": mirror},
+            spec={**_single(fit_bundle.meta["spec"]), "mirror": mirror},
             meta=meta,
             check_inputs=fit_bundle.check_images(),
             log=print,
@@ -309,3 +321,9 @@ def test_mirror_averaged_bundle_is_mirror_invariant_and_exports(fitted, tmp_path
     plain, plain_mirror, onnx_plain_mirror = probs[False]
     assert (plain - plain_mirror).abs().max().item() > 1e-3
     assert np.abs(onnx_plain_mirror - plain_mirror.numpy()).max() <= 1e-4
+
+
+def test_an_ensemble_of_one_network_is_refused(fitted):
+    m = members(load_bundle(fitted.out).model)[0]
+    with pytest.raises(ValueError, match="at least 2 members, got 1"):
+        DeployedEnsemble([m])

@@ -28,12 +28,14 @@ from fashion_images import (
     run_main,
     write_tree,
 )
+from longtail.config import load_config
 from longtail.core.errors import LongtailError
 from longtail.core.io import verified_load
 from longtail.data.prepare import prepare_data
-from longtail.fit.bundle import load_bundle
+from longtail.fit.bundle import load_bundle, members
 from longtail.fit.images import decode
 from longtail.fit.ingest import prepare_user_data
+from longtail.fitting import ENSEMBLE_SEED_OFFSET
 
 pytestmark = pytest.mark.fashion_mnist
 
@@ -221,19 +223,31 @@ def test_strict_data_step_names_the_bad_files(tmp_path):
 
 
 def test_bundle_is_the_chosen_head_on_the_stage2_features(fitted):
-    """The deployed network = SWA features -> chosen head -> temperature (one forward pass)."""
+    """The deployed network = the mean over its two members (the re-fit in OUT/run, the
+    selection run) of SWA features -> chosen head -> temperature, each from its own run's
+    cached stage-2 features."""
     bundle = load_bundle(fitted.out)
-    feats = verified_load(fitted.out / "run" / "features" / "swa.pt")
-    zv, _ = feats["val"]
+    summary = json.loads((fitted.out / "fit.json").read_text())
+    assert summary["ensemble"] and bundle.meta["ensemble"] == ["re-fit", "selection run"]
+    runs = [fitted.out / "run", Path(summary["selection_run_dir"])]
+    nets = members(bundle.model)
+    assert len(nets) == 2 and summary["run_dir"] == str(runs[0])
+    # the re-fit's seed is offset from the selection run's: another initialisation
+    seeds = [load_config(r / "config.yaml").seed for r in runs]
+    assert seeds[0] == seeds[1] + ENSEMBLE_SEED_OFFSET
     val = torch.load(fitted.out / "data" / "val.pt", weights_only=True)
     x = val["images"].float() / 255
+    probs = []
     with torch.no_grad():
-        m = bundle.model
-        if m.mirror:  # the hold-out chose mirror averaging: the mirror images' features too
-            zv = 0.5 * (zv + m.backbone.features(((x - m.mean) / m.std).flip(3)))
-        want = torch.softmax(m.head(zv) / bundle.meta["temperature"], dim=1)
+        for m, run in zip(nets, runs, strict=True):
+            zv, _ = verified_load(run / "features" / "swa.pt")["val"]
+            if m.mirror:  # the hold-out chose mirror averaging: the mirror images' features too
+                zv = 0.5 * (zv + m.backbone.features(((x - m.mean) / m.std).flip(3)))
+            probs.append(torch.softmax(m.head(zv) / bundle.meta["temperature"], dim=1))
         got = bundle.probabilities(x)
-    assert (got - want).abs().max().item() < 1e-4
+    assert (got - 0.5 * (probs[0] + probs[1])).abs().max().item() < 1e-4
+    # two different networks: the average is neither member alone
+    assert min((got - p).abs().max().item() for p in probs) > 1e-3
 
 
 def test_given_val_and_test_splits_map_class_names(tmp_path):
@@ -359,9 +373,15 @@ def test_bad_override_fails_before_any_file_then_the_fixed_command_runs(tmp_path
         assert err.startswith("longtail: error: ") and len(err.strip().splitlines()) == 1
         assert named in err
         assert not out.exists(), bad
-    code, _, err = run_main(argv, capsys)
+    code, _, err = run_main([*argv, "--no-ensemble"], capsys)
     assert code == 0, err
     assert (out / "bundle" / "model.pt").is_file() and (out / "fit.json").is_file()
+    # --no-ensemble: the re-fit alone, from the selection run's seed
+    bundle, summary = load_bundle(out), json.loads((out / "fit.json").read_text())
+    assert len(members(bundle.model)) == 1 and bundle.meta["ensemble"] is None
+    assert summary["refit"] and not summary["ensemble"]
+    runs = [out / "run", Path(summary["selection_run_dir"])]
+    assert len({load_config(r / "config.yaml").seed for r in runs}) == 1
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@
    selection run chose on validation pinned and its temperature (the hold-out's predictions);
    ``refit=False`` bundles the selection run instead; mirror averaging (each image's features
    averaged with its left-right mirror image's) when the hold-out chose it
-   (:func:`longtail.fit.select.choose_mirror`);
+   (:func:`longtail.fit.select.choose_mirror`); the bundle averages the re-fit's and the
+   selection run's probabilities (``ensemble=False``: the re-fit alone);
 4. bundle (:mod:`longtail.fit.bundle`) in ``OUT/bundle`` with ``model.onnx`` and ``model.ts``
    (:mod:`longtail.fit.export`); ``OUT/report.html`` / ``report.md`` of the selection run
    (hold-out figures) and ``OUT/fit.json`` (every candidate, every method, and which images
@@ -49,7 +50,7 @@ from longtail.core.runtime import world_size_from_env
 from longtail.data.build import check_batch_size
 from longtail.evaluate.bootstrap import bootstrap_gaps
 from longtail.evaluate.report import write_report
-from longtail.fit.bundle import Bundle, DeployedClassifier, save_bundle
+from longtail.fit.bundle import Bundle, DeployedClassifier, DeployedEnsemble, save_bundle
 from longtail.fit.images import decode
 from longtail.fit.ingest import UserData, pooled_for_refit, read_user_data, save_user_data
 from longtail.fit.plan import InputPlan, recipe, recipe_summary
@@ -75,6 +76,7 @@ from longtail.train.schedules import swa_collect_from
 
 CHECK_IMAGES = 32  # validation images the export check runs on
 BUDGET_MINUTES = 15.0
+ENSEMBLE_SEED_OFFSET = 1  # the re-fit's seed is the selection run's plus this when ensembled
 # OUT's layout
 DATA, REFIT_DATA, SEARCH, RUN, BUNDLE, FIT_JSON = (
     "data",
@@ -100,6 +102,7 @@ class FitResult:
         candidates: every recipe the search tried; ``recipe``: the chosen one.
         refit: whether the bundle was re-trained on every labelled image.
         mirror: whether the bundle averages each image's features with its mirror image's.
+        ensemble: whether the bundle averages the re-fit with the selection run.
     """
 
     out: Path
@@ -112,6 +115,7 @@ class FitResult:
     recipe: Candidate
     refit: bool
     mirror: bool = False
+    ensemble: bool = False
 
 
 # keys `longtail fit` sets itself (the user dataset it materialises in OUT/data)
@@ -345,6 +349,7 @@ def fit(
     strict: bool = False,
     budget: float = BUDGET_MINUTES,
     refit: bool = True,
+    ensemble: bool = True,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Choose a recipe and a method on validation, re-fit on everything, calibrate and bundle.
@@ -366,6 +371,9 @@ def fit(
         refit: re-train the chosen recipe and method on every labelled image (train +
             validation + the internal test split; not a test split you gave) for the bundle;
             ``False``: bundle the selection run.
+        ensemble: with a re-fit, bundle the average of the re-fit's and the selection run's
+            calibrated probabilities (the re-fit then starts from another seed); ``False``:
+            the re-fit alone.
         log: where progress lines go.
 
     Returns:
@@ -516,6 +524,10 @@ def fit(
             f"re-fit: {chosen_recipe.name} and {chosen.name} on {pooled.origins['train']} "
             f"({n_all:,} images) -> {run_dir}" + (f"; pinned {', '.join(pins)}" if pins else "")
         )
+        if ensemble:
+            # a second initialisation: the members then differ by more than the re-fit's
+            # extra images (Fort et al. 2019: initialisation is an ensemble's main diversity)
+            cfg.seed = int(cfg.seed) + ENSEMBLE_SEED_OFFSET
         Stage1(cfg, run_dir).fit()
         s2 = Stage2(run_dir, overrides=pins, log=log)
         s2.run([chosen.name])
@@ -525,12 +537,30 @@ def fit(
         model, head = best.stage2.model, best.stage2.heads[chosen.name]
         cfg = best.config
 
-    backbone = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
-    head = copy.deepcopy(head).float().cpu()
     prep = data.preprocessing
-    model = DeployedClassifier(
-        backbone, head, deployed.temperature, prep.mean, prep.std, mirror=use_mirror
-    )
+
+    def deployable(net: torch.nn.Module, head: torch.nn.Module) -> DeployedClassifier:
+        backbone = copy.deepcopy(net).float().cpu().to(memory_format=torch.contiguous_format)
+        return DeployedClassifier(
+            backbone,
+            copy.deepcopy(head).float().cpu(),
+            deployed.temperature,
+            prep.mean,
+            prep.std,
+            mirror=use_mirror,
+        )
+
+    single = deployable(model, head)
+    use_ensemble = bool(ensemble and pooled)
+    if use_ensemble:
+        selection = deployable(best.stage2.model, best.stage2.heads[chosen.name])
+        model = DeployedEnsemble([single, selection])
+        log(
+            f"ensemble: the re-fit and the selection run {chosen_recipe.name}, each "
+            f"{chosen.name} at T = {deployed.temperature:.3g}, probabilities averaged"
+        )
+    else:
+        model = single
     sizes = {k: len(v) for k, v in data.splits.items()}
     holdout = (
         f"validation + internal test splits of the selection data ({sizes['val']:,} + "
@@ -543,6 +573,12 @@ def fit(
         "method": f"{holdout}, run {chosen_recipe.name}",
         "temperature": "the chosen method's validation predictions in the selection run",
         "mirror": f"{holdout}, the chosen method",
+        "ensemble": (
+            "a rule, not measured per fit: averaging the re-fit with the selection run was more "
+            "accurate and better calibrated on benchmarks/fit_folder.py (docs/RESULTS.md)"
+            if use_ensemble
+            else "not used"
+        ),
         "test_figures": (
             f"test split ({sizes['test']:,} images, {data.origins['test']}), selection run"
             + (
@@ -553,18 +589,25 @@ def fit(
         ),
         "bundle": (
             f"re-fit on {pooled.origins['train']} ({n_all:,} images)"
+            + (f" averaged with the selection run ({n_train:,} images)" if use_ensemble else "")
             if pooled
             else f"selection run ({n_train:,} training images)"
         ),
     }
-    spec = {
-        "backbone": cfg.model.name,
-        "num_classes": len(data.classes),
-        "channels": prep.channels,
-        "feature_dim": int(backbone.feature_dim),
-        "head": head_spec(head),
-        "mirror": use_mirror,
-    }
+
+    def member_spec(m: DeployedClassifier) -> dict:
+        return {
+            "backbone": cfg.model.name,
+            "num_classes": len(data.classes),
+            "channels": prep.channels,
+            "feature_dim": int(m.backbone.feature_dim),
+            "head": head_spec(m.head),
+            "mirror": use_mirror,
+        }
+
+    spec = member_spec(single)
+    if use_ensemble:
+        spec = {**spec, "members": [member_spec(m) for m in model.members]}
     meta = {
         "classes": data.classes,
         "preprocessing": prep.to_json(),
@@ -573,6 +616,7 @@ def fit(
         "mirror": mirror,
         "recipe": chosen_recipe.name,
         "refit": pooled is not None,
+        "ensemble": ["re-fit", "selection run"] if use_ensemble else None,
         "pins": pins,
         "backbone": {
             "name": cfg.model.name,
@@ -611,7 +655,8 @@ def fit(
     log(
         f"bundle: {bundle.dir} (recipe {chosen_recipe.name}, method {chosen.name}, "
         f"T = {deployed.temperature:.3g}{', mirror-averaged' if use_mirror else ''}"
-        f"{', re-fitted' if pooled else ''}); " + ("; ".join(checked) or "no exported files")
+        f"{', re-fitted' if pooled else ''}{', ensemble of 2' if use_ensemble else ''}); "
+        + ("; ".join(checked) or "no exported files")
     )
     html_path, _ = write_report([chosen_recipe.run_dir], out)
     log(f"report: {html_path} (the selection run: hold-out figures)")
@@ -630,6 +675,7 @@ def fit(
         "mirror": mirror,
         "scores": [s.to_json() for s in best.scores],
         "refit": pooled is not None,
+        "ensemble": use_ensemble,
         "pins": pins,
         "unpinned": unpinned if pooled else [],
         "measured_on": measured,
@@ -651,4 +697,5 @@ def fit(
         chosen_recipe,
         refit=pooled is not None,
         mirror=use_mirror,
+        ensemble=use_ensemble,
     )

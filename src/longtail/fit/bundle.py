@@ -15,8 +15,10 @@
 
 The network takes float32 images ``(B, C, S, S)`` in ``[0, 1]`` (uint8 / 255, resized and
 cropped as the preprocessing says), normalises them itself, and returns calibrated probabilities
-``softmax(head(features(x)) / T)`` of shape ``(B, K)``: one forward pass. Every exported file
-takes and returns the same.
+``softmax(head(features(x)) / T)`` of shape ``(B, K)``: one forward pass. A bundle of ``longtail
+fit`` with a re-fit averages two such networks (:class:`DeployedEnsemble`: the re-fit and the
+selection run, each with its temperature; ``spec["members"]``). Every exported file takes and
+returns the same.
 """
 
 from __future__ import annotations
@@ -96,12 +98,43 @@ class DeployedClassifier(nn.Module):
         return torch.softmax(self.logits(x), dim=1)
 
 
+class DeployedEnsemble(nn.Module):
+    """The mean of its members' calibrated probabilities, as one module.
+
+    ``forward(x)``: images ``(B, C, S, S)`` float in ``[0, 1]`` -> ``(1/M) sum_m p_m(x)``
+    ``(B, K)``, each member a :class:`DeployedClassifier` with its own backbone, head,
+    temperature and mirror setting (``longtail fit``: the re-fit and the selection run).
+    """
+
+    def __init__(self, members: list[DeployedClassifier]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.size = len(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Averaged probabilities ``(B, K)`` of images ``(B, C, S, S)`` in ``[0, 1]``."""
+        p = torch.zeros(0)
+        for i, m in enumerate(self.members):
+            p = m(x) if i == 0 else p + m(x)
+        return p / self.size
+
+
+Deployed = DeployedClassifier | DeployedEnsemble
+
+
+def members(model: Deployed) -> list[DeployedClassifier]:
+    """The single networks a deployed model averages (itself when it is one)."""
+    return list(model.members) if isinstance(model, DeployedEnsemble) else [model]
+
+
 @dataclass
 class Bundle(BundleMeta):
     """A loaded bundle: the network (CPU, eval mode) and its ``bundle.json``."""
 
     dir: Path
-    model: DeployedClassifier
+    model: Deployed
     meta: dict
 
     @torch.no_grad()
@@ -207,19 +240,26 @@ def _load_checked(path: Path, fmt: str) -> dict:
     return saved
 
 
-def _rebuild(spec: dict, state: dict) -> DeployedClassifier:
+def _build(spec: dict) -> Deployed:
+    """An untrained network of ``spec``'s shape (one network, or ``members``: an ensemble)."""
+    if "members" in spec:
+        return DeployedEnsemble([_build(s) for s in spec["members"]])
     backbone = build_model(spec["backbone"], spec["num_classes"], spec["channels"])
     head = build_head(spec["head"], spec["num_classes"], spec["feature_dim"])
     c = spec["channels"]
     mirror = bool(spec.get("mirror", False))  # bundles before mirror averaging lack the key
-    model = DeployedClassifier(backbone, head, 1.0, (0.0,) * c, (1.0,) * c, mirror=mirror)
+    return DeployedClassifier(backbone, head, 1.0, (0.0,) * c, (1.0,) * c, mirror=mirror)
+
+
+def _rebuild(spec: dict, state: dict) -> Deployed:
+    model = _build(spec)
     model.load_state_dict(state)
     return model.eval()
 
 
 def save_bundle(
     out: str | os.PathLike,
-    model: DeployedClassifier,
+    model: Deployed,
     *,
     spec: dict,
     meta: dict,
@@ -237,7 +277,8 @@ def save_bundle(
     Args:
         model: the network (moved to the CPU in float32).
         spec: ``backbone``, ``num_classes``, ``channels``, ``feature_dim``, ``head`` (from
-            :func:`longtail.classify.heads.head_spec`), ``mirror`` (bool, optional).
+            :func:`longtail.classify.heads.head_spec`), ``mirror`` (bool, optional); for a
+            :class:`DeployedEnsemble`, ``members``: one such dict per member, in order.
         meta: the JSON part (classes, preprocessing, temperature, method, metrics, ...).
 
     Raises:
