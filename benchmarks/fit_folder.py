@@ -12,7 +12,9 @@ class from the Fashion-MNIST *test* set (the same for every seed). It then runs,
 ``longtail fit train --out FIT seed=SEED [--fit-arg ...]`` and ``longtail predict FIT test
 --format csv``, and scores the CSV: balanced accuracy (mean of per-class accuracies), per-class
 accuracy, top-1 ECE (15 equal-width bins of the predicted probability) and the wall time of each
-command. One JSON per seed in ``--work`` and a summary (mean +- std over seeds) on stdout.
+command; for an ensemble bundle, also each of its networks alone (the same fit, so the
+comparison is paired). One JSON per seed in ``--work`` and a summary (mean +- std over seeds)
+on stdout.
 ``--compare TAG [TAG ...]`` runs nothing: it reads those JSONs and prints, per tag, the Markdown
 rows of docs/RESULTS.md (mean +- sample std over the seeds, :func:`longtail.evaluate.results.
 mean_std`; per-class accuracy; the methods chosen).
@@ -113,6 +115,45 @@ def score_csv(text: str) -> dict:
     }
 
 
+def score_probabilities(prob: np.ndarray, truth: np.ndarray) -> dict:
+    """Balanced accuracy, per-class accuracy and ECE of probabilities ``(N, K)``."""
+    pred, conf = prob.argmax(1), prob.max(1)
+    per_class = [float((pred[truth == c] == c).mean()) for c in range(len(CLASSES))]
+    return {
+        "balanced_accuracy": float(np.mean(per_class)),
+        "per_class": per_class,
+        "ece": top1_ece(conf, pred == truth),
+    }
+
+
+def score_members(bundle_dir: Path, test_dir: Path, expect: float) -> dict:
+    """Each network of an ensemble bundle scored alone on the test folder (``{}`` for a single
+    network): ``{member name: score_probabilities(...)}``, names from ``bundle.json``; exits
+    unless the members' mean probabilities score ``expect`` (the balanced accuracy of
+    ``longtail predict``'s CSV)."""
+    import torch
+
+    from longtail.fit.bundle import load_bundle, members
+    from longtail.fit.images import list_image_inputs
+
+    b = load_bundle(bundle_dir)
+    nets = members(b.model)
+    if len(nets) < 2:
+        return {}
+    paths = list_image_inputs([str(test_dir)])
+    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
+    x = torch.stack([b.decode(q) for q in paths]).float().div(255.0)
+    names = b.meta.get("ensemble") or [f"member {i}" for i in range(len(nets))]
+    # the bundle's class order (its folder names, sorted) -> CLASSES' order
+    order = [b.meta["classes"].index(c) for c in CLASSES]
+    with torch.no_grad():
+        probs = [torch.cat([m(c) for c in x.split(256)])[:, order].numpy() for m in nets]
+    whole = score_probabilities(np.mean(probs, axis=0), truth)["balanced_accuracy"]
+    if abs(whole - expect) > 1e-3:  # a check of this scoring against `longtail predict`'s
+        raise SystemExit(f"members' mean scores {whole:.4f}, longtail predict {expect:.4f}")
+    return {n: score_probabilities(p, truth) for n, p in zip(names, probs, strict=True)}
+
+
 def run_seed(a: argparse.Namespace, seed: int) -> dict:
     """Build the folders, fit, predict and score one seed."""
     train_dir, test_dir = build_folders(
@@ -144,6 +185,9 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict:
         "predict_seconds": time.perf_counter() - t0,
         **score_csv(p.stdout),
     }
+    members = score_members(out / "bundle", test_dir, result["balanced_accuracy"])
+    if members:
+        result["members"] = members
     fit_json = out / "fit.json"
     if fit_json.exists():
         result["chosen"] = json.loads(fit_json.read_text()).get("chosen")
@@ -193,6 +237,20 @@ def compare(work: Path, tags: list[str]) -> str:
         ]
         for t, rs in runs.items()
     ]
+    for t, rs in runs.items():  # an ensemble's networks alone, from the same fits
+        for name in rs[0].get("members", {}):
+            ms = [r["members"][name] for r in rs]
+            rows.append(
+                [
+                    f"{t}: {name} alone",
+                    " ".join(str(r["seed"]) for r in rs),
+                    _pm([m["balanced_accuracy"] for m in ms]),
+                    ", ".join(f"{100 * m['balanced_accuracy']:.2f}" for m in ms),
+                    _pm([m["ece"] for m in ms]),
+                    "",
+                    "",
+                ]
+            )
     per_class = [
         [t] + [_pm([r["per_class"][c] for r in rs], digits=1) for c in range(len(CLASSES))]
         for t, rs in runs.items()
@@ -237,6 +295,11 @@ def main() -> None:
             f"{100 * r['ece']:.2f} %, fit {r['fit_seconds']:.0f} s, predict "
             f"{r['predict_seconds']:.0f} s, chosen {r.get('chosen')}; per class {pc}"
         )
+        for name, m in r.get("members", {}).items():
+            print(
+                f"  {name} alone: balanced acc {100 * m['balanced_accuracy']:.2f} %, "
+                f"ECE {100 * m['ece']:.2f} %"
+            )
 
     def ms(key: str, scale: float = 100.0) -> str:
         v = [scale * r[key] for r in results]
