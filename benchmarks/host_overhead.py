@@ -53,7 +53,7 @@ def main() -> None:
     norm = per_call_us(lambda: normalize(cropped, mean, std, channels_last=True), 400)
     print(f"augmentation per batch: crop+flip {crop / 1e3:.3f} ms, normalize {norm / 1e3:.3f} ms")
 
-    rt = make_runtime("cpu", "auto", channels_last=True)
+    rt = make_runtime("cpu", "auto", channels_last=True, bf16_faster=autotune.bf16_faster)
     x = torch.randn(128, 3, 32, 32).contiguous(memory_format=CL)
     model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
     autotune.apply_step_verdict(model, autotune.tune_model(model, x, rt.autocast()))

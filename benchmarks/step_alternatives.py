@@ -91,7 +91,7 @@ def wgrad() -> None:
 
 
 def step(rounds: int) -> None:
-    rt = make_runtime("cpu", "auto", channels_last=True)
+    rt = make_runtime("cpu", "auto", channels_last=True, bf16_faster=autotune.bf16_faster)
     x = torch.randn(128, 3, 32, 32).contiguous(memory_format=CL)
     y = torch.randint(0, 10, (128,))
 

@@ -5,11 +5,12 @@
 Both loops train ResNet-32 on the same random 32x32x3 uint8 data, batch 128, SGD momentum 0.9.
 Reference: torchvision Dataset with per-sample PIL RandomCrop(32, 4) / RandomHorizontalFlip /
 ToTensor / Normalize, DataLoader with 2 workers, NCHW fp32 (as LDAM-DRW / classifier-balancing).
-longtail: uint8 tensor in memory, whole-batch crop + flip, channels_last, bf16 autocast when the
-CPU has native bf16, C kernels under ``kernels=auto`` (each pass where timed faster here).
+longtail: uint8 tensor in memory, whole-batch crop + flip, channels_last, bf16 autocast where
+``precision=auto`` timed it faster than fp32 here (:func:`longtail.models.autotune.bf16_faster`),
+C kernels under ``kernels=auto`` (each pass where timed faster here).
 Plain PyTorch: the same loop with ``kernels=off`` (no custom kernels), to check longtail is never
-slower than PyTorch itself. Also measures the machine's bf16 matmul peak (fp32 where bf16 is not
-native) in the same run and reports the step's share of it (ResNet-32: 0.41 GFLOP per training
+slower than PyTorch itself. Also measures the machine's matmul peak in that precision in the
+same run and reports the step's share of it (ResNet-32: 0.41 GFLOP per training
 image, forward + backward). Prints the CPU model and flags first; the last two lines are
 ``vs plain pytorch <ratio>`` and ``speedup <ratio>`` (longtail / reference).
 """
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from longtail.core.runtime import cpu_supports_bf16, make_runtime
+from longtail.core.runtime import make_runtime
 from longtail.data.datasets import ImageDataset
 from longtail.data.loader import BatchLoader
 from longtail.models import autotune, build_model
@@ -95,7 +96,7 @@ def reference_rate(images, labels, steps: int, bs: int) -> float:
 def longtail_rate(
     images, labels, steps: int, bs: int, kernels: str, compile: bool = False
 ) -> tuple[float, str]:
-    rt = make_runtime("cpu", "auto", channels_last=True)
+    rt = make_runtime("cpu", "auto", channels_last=True, bf16_faster=autotune.bf16_faster)
     x_u8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     ds = ImageDataset(
         labels=labels, classes=[str(i) for i in range(10)], images=x_u8, mean=MEAN, std=STD
@@ -140,7 +141,7 @@ def main() -> None:
     labels = rng.integers(0, 10, a.images).astype(np.int64)
     print("\n".join(cpu_report()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bf16 = cpu_supports_bf16()  # emulated bf16 matmuls would take minutes: fp32 peak then
+    bf16 = autotune.bf16_faster()  # precision=auto's choice: the peak of that dtype
     peak_args = (torch.bfloat16, 2048, 20) if bf16 else (torch.float32, 1024, 5)
     rates: dict[str, list[float]] = {"peak": [], "reference": [], "plain": [], "longtail": []}
     compiled: dict[str, list[float]] = {"plain": [], "longtail": []}

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from longtail.cli import main
+from longtail.core.runtime import cpu_supports_bf16
 
 METHOD_ROWS = ["joint", "ncm", "crt", "tau", "lws", "logit_adjust", "srepr", "srepr_ce", "swag_bma"]
 TINY_CLI = [
@@ -188,7 +189,7 @@ def test_doctor_names_the_cpu_the_kernels_and_each_choice(tmp_path, monkeypatch,
 
     def kernel_slower(name, fn):
         fn()
-        return {"kernel": 0.002, "pytorch": 0.001}[name]
+        return {"kernel": 0.002, "pytorch": 0.001, "bf16": 0.0005}[name]
 
     autotune.use_timer(kernel_slower)
     try:
@@ -202,6 +203,12 @@ def test_doctor_names_the_cpu_the_kernels_and_each_choice(tmp_path, monkeypatch,
     assert "AMX " in out and "AVX512-BF16 " in out and "AVX2 " in out
     assert f"torch {torch.__version__}, {torch.get_num_threads()} threads" in out
     assert "C compiler: " in out and "matmul peak: " in out
+    # precision=auto's choice: bf16 was timed faster (where oneDNN has bf16 to time)
+    if cpu_supports_bf16():
+        assert "oneDNN bf16 yes; precision auto: bf16 (a 3x3 convolution" in out
+        assert "bf16 0.50 ms, fp32 1.00 ms)" in out and "bfloat16 matmul peak" in out
+    else:
+        assert "oneDNN bf16 no; precision auto: fp32\n" in out
     assert f"kernel fused_bn: {kernels.status('fused_bn')}" in out
     assert f"kernel conv3x3: {kernels.status('conv3x3')}" in out
     rows = [r for r in out.splitlines() if r.startswith("  fused_bn|") or r.startswith("  conv3x3")]

@@ -10,7 +10,9 @@ import torch
 
 from conftest import TINY
 from longtail.config import load_config
+from longtail.core import runtime
 from longtail.core.runtime import choose_precision, cpu_supports_bf16, make_runtime
+from longtail.models import autotune
 from longtail.train.loop import Stage1
 
 
@@ -36,11 +38,69 @@ def test_auto_precision_rule(device, cuda_bf16, cpu_bf16, expected) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
-def test_cpu_bf16_support_matches_the_cpu_flags() -> None:
-    """oneDNN's answer agrees with the instruction sets the CPU reports."""
-    assert cpu_supports_bf16() == bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-    expected = "bf16" if cpu_supports_bf16() else "fp32"
+def test_cpu_bf16_support_agrees_with_the_cpu_flags() -> None:
+    """oneDNN runs bf16 natively with AVX512-BF16 / AMX, emulates it on other AVX512 CPUs
+    (an Ice Lake Xeon says yes), and has none without AVX512 (x86 CPUs report ``flags``)."""
+    flags = _cpu_flags()
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        assert cpu_supports_bf16()
+    if flags and "avx512bw" not in flags:
+        assert not cpu_supports_bf16()
+    expected = "bf16" if cpu_supports_bf16() else "fp32"  # without a measurement: support alone
     assert make_runtime("cpu", "auto").precision == expected
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """Decisions into a fresh cache folder, none held in memory, the real timer afterwards."""
+    monkeypatch.setenv("LONGTAIL_CACHE_DIR", str(tmp_path / "cache"))
+    autotune.forget()
+    yield
+    autotune.use_timer(None)
+    autotune.forget()
+
+
+@pytest.mark.parametrize(
+    ("bf16_seconds", "expected"), [(0.5, "bf16"), (2.0, "fp32"), (0.97, "fp32")]
+)
+def test_cpu_auto_precision_is_bf16_only_where_timed_faster(
+    own_cache, monkeypatch, bf16_seconds, expected
+) -> None:
+    """On a CPU whose oneDNN has bf16 (pretended here, so the test runs on any CPU), auto is
+    bf16 only if a bf16 convolution beat the fp32 one by the autotune's margin; decided once.
+    Guards: bf16 by oneDNN's flag alone, 2x slower than fp32 on an Ice Lake Xeon."""
+    for module in (runtime, autotune):
+        monkeypatch.setattr(module, "cpu_supports_bf16", lambda: True)
+    calls: list[str] = []
+
+    def timer(name, fn):
+        fn()  # the real convolution, both ways
+        calls.append(name)
+        return {autotune.BASELINE: 1.0, autotune.BF16: bf16_seconds}[name]
+
+    autotune.use_timer(timer)
+    rt = make_runtime("cpu", "auto", bf16_faster=autotune.bf16_faster)
+    assert rt.precision == expected
+    assert sorted(calls) == [autotune.BF16, autotune.BASELINE]
+    d = autotune.decisions()[autotune.full_key(autotune.PRECISION)]
+    assert d.seconds == {autotune.BASELINE: 1.0, autotune.BF16: bf16_seconds}
+    assert make_runtime("cpu", "auto", bf16_faster=autotune.bf16_faster).precision == expected
+    assert len(calls) == 2  # the second run read the decision
+    # a precision the user gave is not second-guessed
+    assert make_runtime("cpu", "bf16", bf16_faster=autotune.bf16_faster).precision == "bf16"
+    assert make_runtime("cpu", "fp32", bf16_faster=autotune.bf16_faster).precision == "fp32"
+
+
+def test_cpu_without_onednn_bf16_is_fp32_without_timing(own_cache, monkeypatch) -> None:
+    for module in (runtime, autotune):
+        monkeypatch.setattr(module, "cpu_supports_bf16", lambda: False)
+
+    def timer(name, fn):
+        raise AssertionError("nothing to time without bf16")
+
+    autotune.use_timer(timer)
+    assert not autotune.bf16_faster()
+    assert make_runtime("cpu", "auto", bf16_faster=autotune.bf16_faster).precision == "fp32"
 
 
 def _train(tmp_path: Path, precision: str | None) -> tuple[dict, dict]:
@@ -57,9 +117,13 @@ def _train(tmp_path: Path, precision: str | None) -> tuple[dict, dict]:
 
 
 def test_the_default_precision_trains(tmp_path) -> None:
-    """Every other test pins fp32; the default is what users run (bf16 on AVX512-BF16/AMX)."""
+    """Every other test pins fp32; the default is what users run (bf16 where timed faster)."""
     results, info = _train(tmp_path, None)
-    assert info["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert info["precision"] == ("bf16" if autotune.bf16_faster() else "fp32")
+    timed = info["precision_timed"]  # what the choice rests on, in run.json
+    assert (timed is None) == (not cpu_supports_bf16())
+    if timed is not None:
+        assert (timed["choice"] == autotune.BF16) == (info["precision"] == "bf16")
     for model in ("final", "swa"):
         assert results[model]["accuracy"] > 0.4, (model, results[model])  # chance: 0.1
         assert torch.isfinite(torch.tensor(results[model]["nll"]))

@@ -30,7 +30,7 @@ from longtail.evaluate.calibration import apply_temperature, fit_temperature
 from longtail.evaluate.metrics import evaluate_logits
 from longtail.evaluate.results import Calibration, MethodResult, Metrics, Results
 from longtail.evaluate.tables import comparison_table, render_text
-from longtail.models import build_model
+from longtail.models import autotune, build_model
 from longtail.train.swag import SWAG
 
 CONFIG_KEY = "stage2.methods"
@@ -57,7 +57,9 @@ class Stage2:
         self.cfg: DictConfig = self.rundir.config(overrides)
         self.log = log
         cfg, s2 = self.cfg, self.cfg.stage2
-        self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
+        self.rt = make_runtime(
+            cfg.device, cfg.precision, cfg.channels_last, bf16_faster=autotune.bf16_faster
+        )
         init_distributed(self.rt)
         seed_everything(cfg.seed)
         self.splits = build_data(cfg)

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,8 @@ class Runtime:
 
 
 def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX)."""
+    """True when oneDNN runs bf16 on this CPU: natively with AVX512-BF16 / AMX, emulated (often
+    slower than fp32) on other AVX512 CPUs."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -58,9 +60,9 @@ def cpu_supports_bf16() -> bool:
 
 
 def choose_precision(device_type: str, cuda_bf16: bool, cpu_bf16: bool) -> str:
-    """What ``precision=auto`` means: ``bf16`` where the hardware runs it natively (a CUDA GPU
-    with bf16, a CPU with AVX512-BF16 / AMX), ``fp16`` (with a gradient scaler) on other GPUs,
-    else ``fp32``. Other devices (e.g. ``mps``) stay in ``fp32``."""
+    """What ``precision=auto`` means: ``bf16`` on a CUDA GPU with bf16 and on a CPU where it
+    was measured faster than fp32 (``cpu_bf16``), ``fp16`` (with a gradient scaler) on other
+    GPUs, else ``fp32``. Other devices (e.g. ``mps``) stay in ``fp32``."""
     if device_type == "cuda":
         return "bf16" if cuda_bf16 else "fp16"
     if device_type == "cpu" and cpu_bf16:
@@ -74,9 +76,18 @@ def world_size_from_env() -> int:
 
 
 def make_runtime(
-    device: str = "auto", precision: str = "auto", channels_last: bool = True
+    device: str = "auto",
+    precision: str = "auto",
+    channels_last: bool = True,
+    *,
+    bf16_faster: Callable[[], bool] | None = None,
 ) -> Runtime:
-    """Resolve ``auto`` choices: CUDA when present, bf16 where the hardware runs it fast."""
+    """Resolve ``auto`` choices: CUDA when present, bf16 where the hardware runs it fast.
+
+    ``bf16_faster``: on a CPU whose oneDNN has bf16, ``precision=auto`` is bf16 only if this
+    measurement says bf16 autocast is faster than fp32 here
+    (:func:`longtail.models.autotune.bf16_faster`, what stages 1 and 2 pass); ``None``: oneDNN's
+    support alone decides (it reports bf16 on CPUs that only emulate it)."""
     rank = int(os.environ.get("RANK", 0))
     world = world_size_from_env()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -95,7 +106,9 @@ def make_runtime(
         precision = choose_precision(
             dev.type,
             cuda_bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported(),
-            cpu_bf16=dev.type == "cpu" and cpu_supports_bf16(),
+            cpu_bf16=dev.type == "cpu"
+            and cpu_supports_bf16()
+            and (bf16_faster is None or bf16_faster()),
         )
     if precision == "fp16" and dev.type != "cuda":
         raise LongtailError("precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")

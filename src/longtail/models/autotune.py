@@ -33,8 +33,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from longtail.core.errors import LongtailError
+from longtail.core.runtime import cpu_supports_bf16
 from longtail.models import kernels
 
 T = TypeVar("T")
@@ -341,6 +343,44 @@ def broadcast(table: dict[str, Decision], src: int = 0) -> dict[str, Decision]:
 
 
 STEP = "kernels"  # the candidate name of a whole step with the per-pass choices
+# bf16 autocast against fp32 (the baseline): one 3x3 convolution of a ResNet's middle stage
+PRECISION = "precision|conv3x3|32x64x16x16|forward+backward"
+BF16 = "bf16"
+
+
+def bf16_faster(timer: Timer | None = None) -> bool:
+    """Whether bf16 autocast trains faster than fp32 on this CPU: a 3x3 convolution (batch 32,
+    64 channels, 16x16, channels-last), forward and backward, timed both ways; decided like a
+    kernel pass (:func:`choose`: bf16 must win by :data:`MARGIN`; cached per machine and thread
+    count). What ``precision=auto`` asks on a CPU (``make_runtime(..., bf16_faster=...)``).
+
+    ``False`` without a question where oneDNN has no bf16 at all. oneDNN reports bf16 on every
+    AVX512 CPU, but without AVX512-BF16 or AMX it emulates it: on an Ice Lake Xeon (2026-12-06,
+    docs/RESULTS.md) a ResNet-32 step ran 2x slower in bf16 than in fp32.
+    """
+    if not cpu_supports_bf16():
+        return False
+    x = torch.randn(32, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def conv(bf16: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = F.conv2d(x, w, padding=1)
+            y.float().sum().backward()
+            x.grad = w.grad = None
+
+        return run
+
+    return choose(PRECISION, {BASELINE: conv(False), BF16: conv(True)}, timer) == BF16
+
+
+def precision_decision() -> Decision | None:
+    """The timings :func:`bf16_faster` decided on in this process (``None`` if it timed nothing:
+    not asked, or no bf16 in oneDNN); for run.json and ``longtail doctor``."""
+    return decisions().get(full_key(PRECISION))
 
 
 def tune_model(

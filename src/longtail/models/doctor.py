@@ -64,16 +64,29 @@ def cpu_report() -> list[str]:
     return [f"CPU: {kernels.cpu_model()}", f"  {isa}", f"  flags: {line}"]
 
 
+def precision_report() -> str:
+    """``precision=auto``'s choice on this CPU and the timings it rests on (one line)."""
+    bf16 = autotune.bf16_faster()
+    d = autotune.precision_decision()
+    if d is None:  # oneDNN has no bf16 here: nothing was timed
+        return "precision auto: fp32"
+    t = d.seconds
+    return (
+        f"precision auto: {'bf16' if bf16 else 'fp32'} (a 3x3 convolution forward + backward: "
+        f"bf16 {1e3 * t[autotune.BF16]:.2f} ms, fp32 {1e3 * t[autotune.BASELINE]:.2f} ms)"
+    )
+
+
 def tune_report(
     batch_size: int = 128, image_size: int = 32, channels: int = 3, retune: bool = False
 ) -> list[str]:
     """Autotune ResNet-32 on one training step of random ``(B, C, H, W)`` channels-last data
-    (bf16 autocast where the CPU runs bf16 natively, as ``precision=auto`` does); one line per
+    (bf16 autocast where it was timed faster than fp32, as ``precision=auto`` does); one line per
     kernel pass and shape. ``retune``: forget this machine's cached decisions first."""
     if retune:
         autotune.cache_file().unlink(missing_ok=True)
         autotune.forget()
-    bf16 = cpu_supports_bf16()
+    bf16 = autotune.bf16_faster()
     model = build_model("resnet32", 10, channels, kernels="auto")
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, channels, image_size, image_size)
@@ -100,13 +113,14 @@ def report(
 ) -> str:
     """The whole ``longtail doctor`` text (takes a few seconds; longer the first time)."""
     lines = cpu_report()
+    bf16 = autotune.bf16_faster()
     lines.append(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"oneDNN bf16 {'native' if cpu_supports_bf16() else 'not native (precision auto: fp32)'}"
+        f"oneDNN bf16 {'yes' if cpu_supports_bf16() else 'no'}; {precision_report()}"
     )
     lines.append(f"C compiler: {compiler_report()}")
-    peak_dtype = torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    n, reps = (2048, 20) if cpu_supports_bf16() else (1024, 5)  # emulated bf16 is very slow
+    peak_dtype = torch.bfloat16 if bf16 else torch.float32
+    n, reps = (2048, 20) if bf16 else (1024, 5)
     peak = matmul_peak(peak_dtype, n, reps)
     lines.append(f"{str(peak_dtype)[6:]} matmul peak: {peak:.1f} GFLOP/s")
     fused_bn.load_kernel()

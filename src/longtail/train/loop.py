@@ -101,6 +101,10 @@ def _check_run_dir(cfg: DictConfig, run: RunDir, resume: bool) -> DictConfig:
     return cfg
 
 
+def _asdict_or_none(d: autotune.Decision | None) -> dict | None:
+    return None if d is None else asdict(d)
+
+
 class Stage1:
     """Everything one stage-1 run holds; :meth:`fit` runs it to the end."""
 
@@ -118,7 +122,9 @@ class Stage1:
         with that run's metrics rows up to there. Ignored when ``resume``."""
         self.rundir = RunDir(out)
         self.out = self.rundir.path
-        self.rt = make_runtime(cfg.device, cfg.precision, cfg.channels_last)
+        self.rt = make_runtime(
+            cfg.device, cfg.precision, cfg.channels_last, bf16_faster=autotune.bf16_faster
+        )
         init_distributed(self.rt)
         check_batch_size(cfg.optim.batch_size, self.rt.world_size)
         self.swa_start = swa_start_epoch(cfg)
@@ -221,6 +227,7 @@ class Stage1:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "device": str(self.rt.device),
                 "precision": self.rt.precision,
+                "precision_timed": _asdict_or_none(autotune.precision_decision()),
                 "world_size": self.rt.world_size,
                 "torch": torch.__version__,
                 "classes": self.splits.train.classes,
