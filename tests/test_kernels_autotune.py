@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,22 @@ def test_the_whole_step_is_timed_with_the_routes_remembered():
     table = autotune.tune_model(model, torch.randn(4, 3, 8, 8).contiguous(memory_format=CL))
     assert any(k.startswith("step|") for k in table)
     assert seen[autotune.STEP] == 0 and autotune._collecting == 0
+
+
+def test_a_bf16_step_and_an_fp32_step_are_decided_apart():
+    """The whole-step check's key names the autocast dtype. Guards: it read ``autocast=1`` for
+    any context manager, so a bf16 run's verdict (cached per machine) served later fp32 runs."""
+
+    def timer(name, fn):
+        fn()
+        return {"kernel": 1.0, "pytorch": 2.0, autotune.STEP: 1.0}[name]
+
+    autotune.use_timer(timer)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=CL)
+    keys = []
+    for autocast in (nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        model = build_model("resnet32", 10, kernels="auto").to(memory_format=CL).train()
+        table = autotune.tune_model(model, x, autocast)
+        keys += [k for k in table if k.startswith("step|")]
+    assert len(keys) == 2, keys
+    assert "|autocast=off|" in keys[0] and "|autocast=bfloat16|" in keys[1]

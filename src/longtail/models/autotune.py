@@ -414,12 +414,20 @@ def tune_model(
             plain = copy.deepcopy(model)
             plain.kernels = "off"
             key = f"step|{type(model).__name__}|{'x'.join(map(str, example.shape))}"
-            key += f"|{str(example.dtype)[6:]}|autocast={int(autocast is not None)}"
+            key += f"|{str(example.dtype)[6:]}|autocast={_autocast_dtype(autocast)}"
             choose(key, {STEP: step, BASELINE: _step(plain, example, autocast)})
     finally:
         _recorders.remove(met)
     table = decisions()
     return {k: table[k] for k in sorted(met)}
+
+
+def _autocast_dtype(autocast: AbstractContextManager | None) -> str:
+    """``bfloat16`` / ``float16`` for an enabled ``torch.autocast``, else ``off``: a step's key
+    must tell bf16 from fp32 (the same example tensor, another computation)."""
+    if isinstance(autocast, torch.autocast) and autocast._enabled:
+        return str(autocast.fast_dtype)[6:]
+    return "off"
 
 
 def _step(model: nn.Module, example: torch.Tensor, autocast) -> Callable[[], None]:
