@@ -378,8 +378,9 @@ def bf16_faster(timer: Timer | None = None) -> bool:
 
 
 def precision_decision() -> Decision | None:
-    """The timings :func:`bf16_faster` decided on in this process (``None`` if it timed nothing:
-    not asked, or no bf16 in oneDNN); for run.json and ``longtail doctor``."""
+    """The timings :func:`bf16_faster` decides by on this machine and thread count, timed in
+    this process or read from the cache file (``None``: never timed, e.g. no bf16 in oneDNN);
+    for run.json and ``longtail doctor``."""
     return decisions().get(full_key(PRECISION))
 
 

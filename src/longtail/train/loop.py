@@ -227,7 +227,11 @@ class Stage1:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "device": str(self.rt.device),
                 "precision": self.rt.precision,
-                "precision_timed": _asdict_or_none(autotune.precision_decision()),
+                "precision_timed": (  # what precision=auto rested on (CPU with oneDNN bf16)
+                    _asdict_or_none(autotune.precision_decision())
+                    if self.cfg.precision == "auto" and self.rt.device.type == "cpu"
+                    else None
+                ),
                 "world_size": self.rt.world_size,
                 "torch": torch.__version__,
                 "classes": self.splits.train.classes,
