@@ -100,30 +100,29 @@ def top1_ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     return float(ece)
 
 
+def score_predictions(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray) -> dict:
+    """Balanced accuracy, per-class accuracy and ECE of predicted classes ``pred`` ``(N,)`` with
+    their probabilities ``conf`` ``(N,)`` against ``truth`` ``(N,)`` (indices into CLASSES)."""
+    per_class = [float((pred[truth == c] == c).mean()) for c in range(len(CLASSES))]
+    return {
+        "balanced_accuracy": float(np.mean(per_class)),
+        "per_class": per_class,
+        "ece": top1_ece(conf, pred == truth),
+    }
+
+
 def score_csv(text: str) -> dict:
-    """Balanced accuracy, per-class accuracy and ECE of ``longtail predict --format csv``."""
+    """:func:`score_predictions` of ``longtail predict --format csv``, and ``n_test``."""
     rows = list(csv.DictReader(text.splitlines()))
     truth = np.array([CLASSES.index(Path(r["path"]).parent.name) for r in rows])
     pred = np.array([CLASSES.index(r["label"]) for r in rows])
     conf = np.array([float(r["probability"]) for r in rows])
-    per_class = [float((pred[truth == c] == c).mean()) for c in range(len(CLASSES))]
-    return {
-        "balanced_accuracy": float(np.mean(per_class)),
-        "per_class": per_class,
-        "ece": top1_ece(conf, pred == truth),
-        "n_test": len(rows),
-    }
+    return {**score_predictions(pred, conf, truth), "n_test": len(rows)}
 
 
 def score_probabilities(prob: np.ndarray, truth: np.ndarray) -> dict:
-    """Balanced accuracy, per-class accuracy and ECE of probabilities ``(N, K)``."""
-    pred, conf = prob.argmax(1), prob.max(1)
-    per_class = [float((pred[truth == c] == c).mean()) for c in range(len(CLASSES))]
-    return {
-        "balanced_accuracy": float(np.mean(per_class)),
-        "per_class": per_class,
-        "ece": top1_ece(conf, pred == truth),
-    }
+    """:func:`score_predictions` of probabilities ``(N, K)`` (columns in CLASSES' order)."""
+    return score_predictions(prob.argmax(1), prob.max(1), truth)
 
 
 def score_members(bundle_dir: Path, test_dir: Path, expect: float) -> dict:
