@@ -25,6 +25,9 @@ from longtail.fit.search import (
     Candidate,
     choose_candidate,
     long_epochs,
+    measured_speed,
+    rung1_crowds_out_rung2,
+    rung2_plan,
     short_epochs,
     survivors,
 )
@@ -52,6 +55,49 @@ def test_long_schedule_fills_what_is_left_and_no_more():
     # without a re-fit the same time buys more epochs: (300 - 30) / 3 = 90
     assert long_epochs(seconds_left=300.0, refit_ratio=0.0, **kw) == 90
     assert long_epochs(seconds_left=float("inf"), refit_ratio=0.0, **kw) is None
+
+
+def test_rung2_keeps_fewer_survivors_before_it_gives_up_the_long_schedule():
+    # the Ice Lake Xeon of docs/RESULTS.md at IF 50: 6.2 s per epoch, 35 s per stage 2,
+    # E1 = 20, re-fit on 4/3 of the images
+    kw = dict(short=20, seconds_per_epoch=6.2, stage2_seconds=35.0, refit_ratio=4 / 3)
+    # 600 s: two survivors get (600 - 105) / (6.2 x 10/3) = 23 < 30 epochs; one gets
+    # (600 - 70) / (6.2 x 7/3) = 36
+    assert rung2_plan(candidates=3, seconds_left=600.0, **kw) == (1, 36)
+    # 900 s: two survivors fit (900 - 105) / 20.67 = 38 epochs each
+    assert rung2_plan(candidates=3, seconds_left=900.0, **kw) == (2, 38)
+    # never more survivors than candidates
+    assert rung2_plan(candidates=1, seconds_left=900.0, **kw) == (1, 57)
+    assert rung2_plan(candidates=3, seconds_left=200.0, **kw) is None
+
+
+def test_rung1_stops_only_when_its_next_candidate_would_rule_out_rung_2():
+    kw = dict(short=20, seconds_per_epoch=6.2, stage2_seconds=35.0, refit_ratio=4 / 3)
+    # after the first candidate, 740 s left (the Ice Lake fits): one survivor fits 46 epochs
+    # now; after a second 160 s candidate, (580 - 70) / 14.47 = 35 epochs still fit: go on
+    assert not rung1_crowds_out_rung2(
+        candidates=1, candidate_seconds=160.0, seconds_left=740.0, **kw
+    )
+    # after the second, 580 s left: a third would leave 420 s, (420 - 70) / 14.47 = 24 < 30
+    assert rung1_crowds_out_rung2(candidates=2, candidate_seconds=160.0, seconds_left=580.0, **kw)
+    # when no rung 2 fits even now, another short candidate is the only use of the time
+    assert not rung1_crowds_out_rung2(
+        candidates=2, candidate_seconds=160.0, seconds_left=300.0, **kw
+    )
+    # a fast machine: room for rung 2 after every candidate
+    fast = dict(kw, seconds_per_epoch=1.6, stage2_seconds=15.0)
+    assert not rung1_crowds_out_rung2(
+        candidates=2, candidate_seconds=50.0, seconds_left=700.0, **fast
+    )
+
+
+def test_measured_speed_is_the_median_over_candidates():
+    cands = [
+        Candidate("a", 0.2, 20, 1, seconds=150.0, stage1_seconds=120.0),
+        Candidate("b", 0.0, 20, 1, seconds=170.0, stage1_seconds=130.0),
+        Candidate("c", 1.0, 20, 1, seconds=400.0, stage1_seconds=380.0),  # disturbed
+    ]
+    assert measured_speed(cands) == {"seconds_per_epoch": 6.5, "stage2_seconds": 30.0}
 
 
 def test_bootstrap_gap_is_zero_for_the_same_predictions_and_positive_for_worse():
@@ -331,6 +377,47 @@ def test_a_tight_budget_runs_one_candidate_and_says_so(tmp_path, capsys, monkeyp
     assert summary["searched"] == []  # nothing was compared
     assert "note: the budget (0.001 min) is smaller than one candidate" in text
     assert "budget: candidate mixup0-e2 skipped" in text and "budget: no long schedule" in text
+
+
+@pytest.mark.fashion_mnist
+def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
+    tmp_path, capsys, monkeypatch
+):
+    """When another rung-1 candidate would crowd out rung 2, rung 1 stops and its best goes on
+    alone to the long schedule. The decision is made with the speed the first candidate
+    measured (checked here against fit.json); the budget rule itself is tested above."""
+    from longtail import fitting
+
+    monkeypatch.setattr(search, "SHORT_MIN", 2)
+    monkeypatch.setattr(search, "SHORT_IMAGES", 1)
+    monkeypatch.setattr(search, "LONG_FACTOR", 2)
+    asked = []
+
+    def crowded(**kw):  # this machine's timing would make the outcome depend on its speed
+        asked.append(kw)
+        return True
+
+    monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", crowded)
+    tree = tmp_path / "tree"
+    write_tree(tree, counts=[20, 12, 8], extras=False)
+    out = tmp_path / "out"
+    args = ["device=cpu", "precision=fp32", "stage2.methods=[joint,ncm]"]
+    argv = ["fit", str(tree), "--out", str(out), "--budget", "60", "--no-refit", *args]
+    code, text, err = run_main(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "fit.json").read_text())
+    assert [(c["name"], c["rung"]) for c in summary["candidates"]] == [
+        ("mixup0.2-e2", 1),
+        ("mixup0.2-e4", 2),
+    ]
+    assert summary["skipped_candidates"] == ["mixup0-e2", "mixup1-e2"]
+    assert "budget: candidate mixup0-e2 skipped (with it, no long schedule" in text
+    first = summary["candidates"][0]
+    assert len(asked) == 2 and asked[0]["candidates"] == 1 and asked[0]["refit_ratio"] == 0.0
+    assert asked[0]["seconds_per_epoch"] == pytest.approx(first["stage1_seconds"] / 2)
+    assert asked[0]["stage2_seconds"] == pytest.approx(first["seconds"] - first["stage1_seconds"])
+    assert asked[0]["candidate_seconds"] == pytest.approx(first["seconds"])
+    assert 0 < asked[0]["seconds_left"] < 3600
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])

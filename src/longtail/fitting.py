@@ -59,7 +59,9 @@ from longtail.fit.search import (
     Candidate,
     candidate_name,
     choose_candidate,
-    long_epochs,
+    measured_speed,
+    rung1_crowds_out_rung2,
+    rung2_plan,
     search_table,
     short_epochs,
     survivors,
@@ -443,6 +445,7 @@ def fit(
     done: list[_Selection] = []
     skipped: list[str] = []
     best: _Selection | None = None
+    refit_ratio = n_all / n_train if pooled else 0.0
     for alpha, cfg in rung1.items():
         name = candidate_name(alpha, short)
         if done:
@@ -450,6 +453,20 @@ def fit(
             refit_s = first.stage1_seconds * n_all / n_train + first.seconds - first.stage1_seconds
             if time.perf_counter() + first.seconds + (refit_s if pooled else 0) > deadline:
                 log(f"budget: candidate {name} skipped (it would end after the budget)")
+                skipped.append(name)
+                continue
+            if not epochs and rung1_crowds_out_rung2(
+                candidates=len(done),
+                candidate_seconds=first.seconds,
+                short=short,
+                **measured_speed([s.candidate for s in done]),
+                seconds_left=deadline - time.perf_counter(),
+                refit_ratio=refit_ratio,
+            ):
+                log(
+                    f"budget: candidate {name} skipped (with it, no long schedule would fit: "
+                    "the time goes to rung 2)"
+                )
                 skipped.append(name)
                 continue
         sel = _run_candidate(cfg, out / SEARCH / name, 1, methods, log, pool_test=pool_test)
@@ -462,24 +479,23 @@ def fit(
         best = _better(best, sel)
     assert best is not None
     if not epochs:
-        keep = survivors([s.candidate for s in done])
         c1 = [s.candidate for s in done]
-        per_epoch = sorted(c.stage1_seconds / c.epochs for c in c1)[len(c1) // 2]
-        stage2_s = sorted(c.seconds - c.stage1_seconds for c in c1)[len(c1) // 2]
-        e2 = long_epochs(
+        speed = measured_speed(c1)
+        per_epoch, stage2_s = speed["seconds_per_epoch"], speed["stage2_seconds"]
+        plan = rung2_plan(
+            candidates=len(c1),
             short=short,
-            seconds_per_epoch=per_epoch,
-            stage2_seconds=stage2_s,
+            **speed,
             seconds_left=deadline - time.perf_counter(),
-            survivors=len(keep),
-            refit_ratio=n_all / n_train if pooled else 0.0,
+            refit_ratio=refit_ratio,
         )
-        if e2 is None:
+        if plan is None:
             log(
                 f"budget: no long schedule (measured {per_epoch:.2f} s per epoch, "
                 f"{stage2_s:.0f} s per stage 2: fewer than 1.5 x {short} epochs fit)"
             )
         else:
+            keep, e2 = survivors(c1, plan[0]), plan[1]
             log(
                 f"rung 2: {', '.join(c.name for c in keep)} (best {len(keep)} of rung 1) for "
                 f"{e2} epochs (measured {per_epoch:.2f} s per epoch, {stage2_s:.0f} s per stage 2)"

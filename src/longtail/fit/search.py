@@ -8,8 +8,12 @@ the schedule length (``optim.epochs``). Everything else follows :func:`longtail.
 Successive halving within a time budget (:class:`SearchPlan`):
 
 1. **rung 1**: every mixup strength trains the short schedule, ``E1 = clamp(ceil(40,000 / N),
-   20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2;
-2. the :data:`SURVIVORS` best by hold-out score go on to **rung 2**, the long schedule
+   20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2; a
+   candidate that would leave no room for rung 2 is skipped when rung 2 fits without it
+   (:func:`rung1_crowds_out_rung2`: on a slow CPU the schedule length is worth more than
+   another mixup strength);
+2. the :data:`SURVIVORS` best by hold-out score (fewer when only fewer fit,
+   :func:`rung2_plan`) go on to **rung 2**, the long schedule
    ``E2``, sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
    stage 2) so that rung 2 and the final re-fit on every labelled image fit in what is left of
    the budget; at most ``8 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
@@ -79,6 +83,81 @@ def long_epochs(
     return e2 if e2 >= MIN_GAIN_FACTOR * short else None
 
 
+def rung2_plan(
+    *,
+    candidates: int,
+    short: int,
+    seconds_per_epoch: float,
+    stage2_seconds: float,
+    seconds_left: float,
+    refit_ratio: float,
+) -> tuple[int, int] | None:
+    """How many rung-1 candidates go on to rung 2, and for how many epochs, or ``None``.
+
+    The most survivors (at most :data:`SURVIVORS`, at most ``candidates``) for which
+    :func:`long_epochs` still fits a long schedule; fewer survivors buy longer epochs when the
+    budget is tight.
+
+    Args:
+        candidates: rung-1 candidates trained so far.
+        short, seconds_per_epoch, stage2_seconds, seconds_left, refit_ratio: as in
+            :func:`long_epochs` (seconds of wall time, epochs).
+
+    Returns:
+        ``(survivors, E2)``, or ``None`` when not even one survivor's long schedule fits.
+    """
+    for k in range(min(SURVIVORS, candidates), 0, -1):
+        e2 = long_epochs(
+            short=short,
+            seconds_per_epoch=seconds_per_epoch,
+            stage2_seconds=stage2_seconds,
+            seconds_left=seconds_left,
+            survivors=k,
+            refit_ratio=refit_ratio,
+        )
+        if e2 is not None:
+            return k, e2
+    return None
+
+
+def rung1_crowds_out_rung2(
+    *,
+    candidates: int,
+    candidate_seconds: float,
+    short: int,
+    seconds_per_epoch: float,
+    stage2_seconds: float,
+    seconds_left: float,
+    refit_ratio: float,
+) -> bool:
+    """Whether one more rung-1 candidate would take the time a long schedule needs.
+
+    True when a rung 2 fits now (:func:`rung2_plan` with the ``candidates`` trained so far) but
+    no longer after another candidate of ``candidate_seconds``: the search then stops rung 1
+    and trains the long schedule instead of another mixup strength at the short one. A slow
+    CPU gets fewer mixup strengths and a schedule that is still chosen by measurement (short
+    against long), rather than three short candidates and a short re-fit (docs/METHODS.md,
+    "Search", gives the measurement this rests on).
+    """
+    now = rung2_plan(
+        candidates=candidates,
+        short=short,
+        seconds_per_epoch=seconds_per_epoch,
+        stage2_seconds=stage2_seconds,
+        seconds_left=seconds_left,
+        refit_ratio=refit_ratio,
+    )
+    after = rung2_plan(
+        candidates=candidates + 1,
+        short=short,
+        seconds_per_epoch=seconds_per_epoch,
+        stage2_seconds=stage2_seconds,
+        seconds_left=seconds_left - candidate_seconds,
+        refit_ratio=refit_ratio,
+    )
+    return now is not None and after is None
+
+
 @dataclass
 class Candidate:
     """One stage-1 recipe tried by the search, and what it measured.
@@ -134,6 +213,16 @@ class Candidate:
             "gap_to_best": {"gap": self.gap[0], "std": self.gap[1]},
             **({"val_and_test": self.pooled} if self.pooled is not None else {}),
         }
+
+
+def measured_speed(candidates: list[Candidate]) -> dict[str, float]:
+    """What the trained candidates measured on this machine: the median stage-1 seconds per
+    epoch (``seconds_per_epoch``) and the median seconds of one stage 2 (``stage2_seconds``),
+    ready to pass to :func:`rung2_plan`."""
+    per_epoch = sorted(c.stage1_seconds / c.epochs for c in candidates)
+    stage2 = sorted(c.seconds - c.stage1_seconds for c in candidates)
+    mid = len(candidates) // 2
+    return {"seconds_per_epoch": per_epoch[mid], "stage2_seconds": stage2[mid]}
 
 
 def candidate_name(mixup_alpha: float, epochs: int) -> str:
