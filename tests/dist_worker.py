@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_distributed.py: sampler shards and SWAG state per rank.
+"""Run under torchrun by tests/test_distributed.py: sampler shards, SWAG state and the agreed
+precision per rank.
 
 torchrun --standalone --nproc_per_node=2 tests/dist_worker.py OUT.json SWAG.pt
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from longtail.core.distributed import shutdown_distributed
 from longtail.core.io import atomic_torch_save, verified_load
+from longtail.core.runtime import Runtime, agree_on_precision
 from longtail.data.samplers import SAMPLERS, make_sampler
 from longtail.train.swag import SWAG
 
@@ -25,6 +27,10 @@ LABELS = np.repeat(np.arange(6), [300, 120, 50, 20, 8, 3])
 def main(out_json: str, swag_path: str) -> None:
     dist.init_process_group("gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
+    # each rank timed precision=auto itself and the timings disagreed: rank 0's counts
+    mine = Runtime(torch.device("cpu"), torch.bfloat16 if rank == 0 else None, True, rank, ws)
+    precisions = [None] * ws
+    dist.all_gather_object(precisions, (mine.precision, agree_on_precision(mine).precision))
     shards = {}
     for name in SAMPLERS:
         s = make_sampler(name, LABELS, seed=3, total_epochs=4, rank=rank, world_size=ws)
@@ -63,7 +69,10 @@ def main(out_json: str, swag_path: str) -> None:
     dist.all_gather_object(flags, bool(same))
     if rank == 0:
         with open(out_json, "w") as f:
-            json.dump({"world_size": ws, "shards": shards, "swag_equal": flags}, f)
+            json.dump(
+                {"world_size": ws, "shards": shards, "swag_equal": flags, "precision": precisions},
+                f,
+            )
     # DDP holds the process group: while `net` lives, destroy_process_group cannot free the
     # group, its gloo threads outlive main() and may release a finished all_gather's tensors
     # during interpreter shutdown, which aborts the process (see shutdown_distributed).

@@ -115,6 +115,11 @@ def test_two_process_swag_state_identical_on_reload(worker_result) -> None:
     assert worker_result["swag_equal"] == [True, True]
 
 
+def test_every_rank_computes_in_rank_0s_precision(worker_result) -> None:
+    # rank 0 timed bf16 faster, rank 1 did not: both train in bf16
+    assert worker_result["precision"] == [["bf16", "bf16"], ["fp32", "bf16"]]
+
+
 def test_ddp_sync_bn_matches_single_process_run(tmp_path) -> None:
     two, one = tmp_path / "two", tmp_path / "one"
     _torchrun(2, "-m", "longtail", "train", *RUN, "--out", str(two))

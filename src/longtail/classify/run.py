@@ -60,7 +60,7 @@ class Stage2:
         self.rt = make_runtime(
             cfg.device, cfg.precision, cfg.channels_last, bf16_faster=autotune.bf16_faster
         )
-        init_distributed(self.rt)
+        self.rt = init_distributed(self.rt)  # rank 0's precision on every rank
         seed_everything(cfg.seed)
         self.splits = build_data(cfg)
         self.counts = self.splits.train.counts()

@@ -7,13 +7,15 @@ import ctypes
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from longtail.core.errors import LongtailError
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Runtime:
 
     @property
     def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return next(k for k, v in _DTYPES.items() if v == self.dtype)
 
 
 def cpu_supports_bf16() -> bool:
@@ -112,7 +114,7 @@ def make_runtime(
         )
     if precision == "fp16" and dev.type != "cuda":
         raise LongtailError("precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = _DTYPES[precision]
     if dev.type == "cpu":
         retain_freed_memory()
     return Runtime(dev, dtype, channels_last, rank, world, local)
@@ -139,10 +141,27 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-def init_distributed(rt: Runtime) -> None:
-    """Join the torchrun process group: NCCL on GPUs, gloo on CPU."""
+def init_distributed(rt: Runtime) -> Runtime:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); returns ``rt`` with rank
+    0's precision (:func:`agree_on_precision`), ``rt`` itself outside torchrun."""
     if rt.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+    return agree_on_precision(rt)
+
+
+def agree_on_precision(rt: Runtime) -> Runtime:
+    """``rt`` with rank 0's autocast dtype (a collective under an initialised process group:
+    every rank calls it; ``rt`` itself without one).
+
+    ``precision=auto`` on a CPU is timed by each process (:func:`make_runtime`'s
+    ``bf16_faster``); a timing disturbed on one rank must not leave the ranks training in
+    different precisions, so rank 0 decides, as it does for the kernels.
+    """
+    if not (rt.distributed and dist.is_available() and dist.is_initialized()):
+        return rt
+    box: list[object] = [rt.precision]
+    dist.broadcast_object_list(box, src=0)
+    return replace(rt, dtype=_DTYPES[str(box[0])])
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

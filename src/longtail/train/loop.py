@@ -125,7 +125,7 @@ class Stage1:
         self.rt = make_runtime(
             cfg.device, cfg.precision, cfg.channels_last, bf16_faster=autotune.bf16_faster
         )
-        init_distributed(self.rt)
+        self.rt = init_distributed(self.rt)  # rank 0's precision on every rank
         check_batch_size(cfg.optim.batch_size, self.rt.world_size)
         self.swa_start = swa_start_epoch(cfg)
         self.collect_from = swa_collect_from(cfg)  # snapshots once the lr is swa.lr
