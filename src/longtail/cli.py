@@ -413,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bundle the selection run instead of re-training on every labelled image",
     )
     f.add_argument(
-        "--no-ensemble",
-        dest="ensemble",
-        action="store_false",
-        help="bundle the re-fit alone instead of its average with the selection run "
-        "(half the prediction time)",
+        "--ensemble",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bundle the average of the re-fit and the selection run instead of the re-fit "
+        "alone (twice the prediction time; no better on average where measured: "
+        "docs/METHODS.md)",
     )
     f.set_defaults(fn=cmd_fit)
 
