@@ -177,7 +177,7 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, capsys, monkeypatc
         return rt
 
     monkeypatch.setattr(loop, "make_runtime", three_ranks)
-    monkeypatch.setattr(loop, "init_distributed", lambda rt: None)
+    monkeypatch.setattr(loop, "init_distributed", lambda rt: rt)
     out = tmp_path / "r"
     argv = ["train", "digits_lt", *TINY_CLI, "optim.batch_size=64", "--out", str(out)]
     line = assert_one_line_error(*run_main(argv, capsys))
