@@ -358,20 +358,25 @@ def test_no_refit_bundles_the_selection_run(tmp_path, capsys):
     assert not (out / "run").exists() and not (out / "data-all").exists()
 
 
-@pytest.mark.fashion_mnist
-def test_a_tight_budget_runs_one_candidate_and_says_so(tmp_path, capsys, monkeypatch):
-    """A budget smaller than one candidate: the plan's default (mixup 0.2) still runs, the other
-    rung-1 candidates are skipped, no long schedule; all of it printed and in fit.json."""
+def _two_epoch_search(tmp_path, capsys, monkeypatch, budget: str) -> tuple[dict, str]:
+    """``fit --no-refit`` of a 40-image tree with rung 1 at 2 epochs: (fit.json, stdout)."""
     monkeypatch.setattr(search, "SHORT_MIN", 2)
     monkeypatch.setattr(search, "SHORT_IMAGES", 1)
     tree = tmp_path / "tree"
     write_tree(tree, counts=[20, 12, 8], extras=False)
     out = tmp_path / "out"
     args = ["device=cpu", "precision=fp32", "stage2.methods=[joint,ncm]"]
-    argv = ["fit", str(tree), "--out", str(out), "--budget", "0.001", "--no-refit", *args]
+    argv = ["fit", str(tree), "--out", str(out), "--budget", budget, "--no-refit", *args]
     code, text, err = run_main(argv, capsys)
     assert code == 0, err
-    summary = json.loads((out / "fit.json").read_text())
+    return json.loads((out / "fit.json").read_text()), text
+
+
+@pytest.mark.fashion_mnist
+def test_a_tight_budget_runs_one_candidate_and_says_so(tmp_path, capsys, monkeypatch):
+    """A budget smaller than one candidate: the plan's default (mixup 0.2) still runs, the other
+    rung-1 candidates are skipped, no long schedule; all of it printed and in fit.json."""
+    summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "0.001")
     assert [c["name"] for c in summary["candidates"]] == ["mixup0.2-e2"]
     assert summary["skipped_candidates"] == ["mixup0-e2", "mixup1-e2"]
     assert summary["searched"] == []  # nothing was compared
@@ -388,8 +393,6 @@ def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
     measured (checked here against fit.json); the budget rule itself is tested above."""
     from longtail import fitting
 
-    monkeypatch.setattr(search, "SHORT_MIN", 2)
-    monkeypatch.setattr(search, "SHORT_IMAGES", 1)
     monkeypatch.setattr(search, "LONG_FACTOR", 2)
     asked = []
 
@@ -398,14 +401,7 @@ def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
         return True
 
     monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", crowded)
-    tree = tmp_path / "tree"
-    write_tree(tree, counts=[20, 12, 8], extras=False)
-    out = tmp_path / "out"
-    args = ["device=cpu", "precision=fp32", "stage2.methods=[joint,ncm]"]
-    argv = ["fit", str(tree), "--out", str(out), "--budget", "60", "--no-refit", *args]
-    code, text, err = run_main(argv, capsys)
-    assert code == 0, err
-    summary = json.loads((out / "fit.json").read_text())
+    summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
     assert [(c["name"], c["rung"]) for c in summary["candidates"]] == [
         ("mixup0.2-e2", 1),
         ("mixup0.2-e4", 2),

@@ -139,21 +139,15 @@ def rung1_crowds_out_rung2(
     against long), rather than three short candidates and a short re-fit (docs/METHODS.md,
     "Search", gives the measurement this rests on).
     """
-    now = rung2_plan(
-        candidates=candidates,
+    speed = dict(
         short=short,
         seconds_per_epoch=seconds_per_epoch,
         stage2_seconds=stage2_seconds,
-        seconds_left=seconds_left,
         refit_ratio=refit_ratio,
     )
+    now = rung2_plan(candidates=candidates, seconds_left=seconds_left, **speed)
     after = rung2_plan(
-        candidates=candidates + 1,
-        short=short,
-        seconds_per_epoch=seconds_per_epoch,
-        stage2_seconds=stage2_seconds,
-        seconds_left=seconds_left - candidate_seconds,
-        refit_ratio=refit_ratio,
+        candidates=candidates + 1, seconds_left=seconds_left - candidate_seconds, **speed
     )
     return now is not None and after is None
 
