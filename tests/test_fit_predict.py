@@ -222,6 +222,17 @@ def test_strict_data_step_names_the_bad_files(tmp_path):
         prepare_user_data(tree, tmp_path / "out", strict=True, log=lambda s: None)
 
 
+def test_fit_trains_stage_1_with_the_logit_adjusted_loss(fitted):
+    """Both networks (selection run and re-fit) train on cross-entropy of ``logits + log
+    prior``, each with its own training counts, and the recipe line says so. Guards: the
+    loss falling back to cross-entropy, or the re-fit losing it."""
+    summary = json.loads((fitted.out / "fit.json").read_text())
+    for run in (fitted.out / "run", Path(summary["selection_run_dir"])):
+        cfg = load_config(run / "config.yaml")
+        assert (cfg.loss.name, cfg.loss.tau) == ("logit_adjusted", 1.0)
+    assert "logit-adjusted loss (tau 1)" in fitted.stdout
+
+
 def test_bundle_is_the_chosen_head_on_the_stage2_features(fitted):
     """The deployed network = the mean over its two members (the re-fit in OUT/run, the
     selection run) of SWA features -> chosen head -> temperature, each from its own run's

@@ -26,7 +26,7 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 @pytest.mark.parametrize("n", [20, 100, 333, 1000, 2999, 4999, 5000, 12_345, 50_000, 300_000])
 def test_recipe_follows_the_documented_formulas(n: int):
     """Guards: any formula drifting from METHODS.md / plan.py (batch, lr, epochs, warm-up,
-    mixup and weight-decay threshold, SWA start and lr, snapshot interval, stage-2 batch)."""
+    loss, mixup and weight-decay threshold, SWA start and lr, snapshot interval, stage-2 batch)."""
     plan = plan_input([Header(32, 32, "RGB")] * 4)
     r = recipe(n, plan)
     o = r["optim"]
@@ -39,6 +39,7 @@ def test_recipe_follows_the_documented_formulas(n: int):
     small = n < 5000
     assert o["weight_decay"] == (5e-4 if small else 2e-4)
     assert r["loss"]["mixup_alpha"] == (0.2 if small else 0.0)
+    assert (r["loss"]["name"], r["loss"]["tau"]) == ("logit_adjusted", 1.0)  # at every size
     start = math.floor(0.75 * epochs + 0.5) if (0.75 * epochs) % 1 != 0.5 else None
     if start is not None:  # x.5 is left to Python's round(); none of the cases above hits it
         assert r["swa"]["start"] == start
