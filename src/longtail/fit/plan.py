@@ -29,8 +29,9 @@ Recipe (:func:`recipe`), from the number of training images ``N``:
   Softmax): cross-entropy on ``logits + log prior`` of the training counts, so the network's own
   logits model the class-balanced posterior; on balanced data it is plain cross-entropy. Rests
   on docs/RESULTS.md (issue 19, "The logit-adjusted loss in `fit`"): on the long-tailed
-  Fashion-MNIST folders it raised the bundle's balanced accuracy over cross-entropy on every
-  seed; ``loss.name=ce`` restores cross-entropy;
+  Fashion-MNIST folders, paired against cross-entropy, it raised the bundle's balanced accuracy
+  by 1.1 (IF 50) and 3.7 points (IF 100) on average, on 5 of 6 fits, at a lower mean ECE;
+  ``loss.name=ce`` restores cross-entropy;
 - SWA / SWAG from epoch ``round(0.75 epochs)`` (0-based, at most the last one), ``swa.lr = lr /
   10``; when fewer than 10 epochs are averaged, a snapshot every ``k`` steps so that about 20
   snapshots feed SWA / SWAG;
