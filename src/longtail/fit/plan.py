@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -238,7 +240,7 @@ def recipe_summary(cfg, n_train: int) -> str:
     )
 
 
-def _loss_text(loss) -> str:
+def _loss_text(loss: Mapping[str, Any]) -> str:
     """``loss.name`` (and ``tau``) as words for :func:`recipe_summary`."""
     name = loss.get("name", "ce")
     if name == "ce":
