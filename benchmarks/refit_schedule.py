@@ -8,14 +8,16 @@ number of *epochs* (about a third more steps, since the hold-outs join the train
 deploys it with the temperature fitted on the selection run's hold-out. ``--schedule steps``
 trains the same recipe (seed, batch, lr, mixup, SWA over the last quarter, the chosen method
 with the bundle's pins, its temperature and mirror averaging) for ``round(E * n_selection /
-n_all)`` epochs instead, so the re-fit takes as many steps as the selection run;
-``--schedule epochs`` repeats the bundle's own schedule (a check that a re-fit is reproducible:
-its figures should equal the bundle's). The first network of the bundle must be the re-fit
-(every single-network bundle; an ``--ensemble`` bundle lists it first).
+n_all)`` epochs instead, so the re-fit takes as many steps as the selection run (warm-up, SWA
+start and anneal as :func:`longtail.fit.plan.recipe` derives them for those epochs; the SWA
+snapshot interval stays the re-fit's); ``--schedule epochs`` repeats the bundle's own
+schedule (a check that a re-fit is reproducible: its figures should equal the bundle's). The
+first network of the bundle must be the re-fit (every single-network bundle; an
+``--ensemble`` bundle lists it first).
 
 Prints, for the bundle's re-fit and the new one, the balanced accuracy and top-1 ECE on
-``TEST_DIR`` (a folder of class subfolders named as the fit's classes, e.g. the balanced test
-folder of ``benchmarks/fit_folder.py``), the deployed temperature ``T`` and the temperature
+``TEST_DIR`` (the balanced test folder of ``benchmarks/fit_folder.py``, scored by its own
+functions), the deployed temperature ``T`` and the temperature
 that would minimise the NLL on the test folder (read only: it judges the transfer of ``T``,
 it chooses nothing). docs/RESULTS.md (issue 19) quotes it.
 """
@@ -31,38 +33,48 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fit_folder import top1_ece  # the figures of fit_folder.py, scored alike
+from fit_folder import CLASSES, score_probabilities  # the figures of fit_folder.py, alike
 from longtail.classify.run import Stage2
 from longtail.evaluate.calibration import fit_temperature
 from longtail.fit.bundle import DeployedClassifier, load_bundle, members
-from longtail.fit.images import list_image_inputs
+from longtail.fit.images import Header, list_image_inputs
+from longtail.fit.plan import plan_input, recipe
 from longtail.train.loop import Stage1
 from longtail.train.schedules import swa_collect_from
 
 
-def schedule(cfg, epochs: int) -> None:
-    """Set ``cfg``'s epochs and what ``longtail.fit.plan.recipe`` derives from them (warm-up,
-    SWA over the last quarter, the anneal into it) in place."""
-    start = min(max(int(round(0.75 * epochs)), 0), epochs - 1)
+def schedule(cfg, epochs: int, n_train: int, channels: int) -> None:
+    """Set ``cfg``'s epochs and the warm-up, SWA start and anneal that ``fit``'s recipe
+    (:func:`longtail.fit.plan.recipe` for ``n_train`` selection images of ``channels``
+    channels) derives from them, in place; raises if the recipe's lr is not ``cfg``'s (another
+    plan than the fit's)."""
+    mode = "L" if channels == 1 else "RGB"
+    plan = plan_input(
+        [Header(cfg.data.image_size, cfg.data.image_size, mode)],
+        weights_path=cfg.model.weights_path,
+    )
+    r = recipe(n_train, plan, epochs=epochs, batch_size=int(cfg.optim.batch_size))
+    if abs(r["optim"]["lr"] - float(cfg.optim.lr)) > 1e-12:
+        raise SystemExit(f"recipe lr {r['optim']['lr']} != the re-fit's {cfg.optim.lr}")
     cfg.optim.epochs = epochs
-    cfg.optim.warmup_epochs = min(5.0, epochs / 10)
-    cfg.swa.start = float(start)
-    cfg.swa.anneal_epochs = min(5.0, max((epochs - start) / 2, 0.5))
+    cfg.optim.warmup_epochs = r["optim"]["warmup_epochs"]
+    cfg.swa.start = r["swa"]["start"]
+    cfg.swa.anneal_epochs = r["swa"]["anneal_epochs"]
     swa_collect_from(cfg)  # raises if SWA would get no snapshot
 
 
-def score(net: torch.nn.Module, x: torch.Tensor, truth: np.ndarray, t: float) -> dict:
-    """Balanced accuracy, top-1 ECE and test-optimal temperature of ``net`` (calibrated logits
-    at temperature ``t``) on images ``x`` ``(N, C, S, S)`` in ``[0, 1]`` with labels ``truth``
-    ``(N,)`` (indices into the bundle's classes)."""
+def score(
+    net: torch.nn.Module, x: torch.Tensor, truth: np.ndarray, order: list[int], t: float
+) -> dict:
+    """``fit_folder.score_probabilities`` (balanced accuracy, per class, ECE) of ``net``
+    (calibrated logits at temperature ``t``) on images ``x`` ``(N, C, S, S)`` in ``[0, 1]``
+    with labels ``truth`` ``(N,)`` (indices into CLASSES; ``order`` maps the bundle's classes
+    to CLASSES), and the test-optimal temperature."""
     with torch.no_grad():
-        raw = torch.cat([net.logits(c) for c in x.split(256)]) * t
-    prob = torch.softmax(raw / t, dim=1)
-    pred = prob.argmax(1).numpy()
-    per_class = [float((pred[truth == c] == c).mean()) for c in np.unique(truth)]
+        raw = (torch.cat([net.logits(c) for c in x.split(256)]) * t)[:, order]
+    s = score_probabilities(torch.softmax(raw / t, dim=1).numpy(), truth)
     return {
-        "balanced_accuracy": float(np.mean(per_class)),
-        "ece": float(top1_ece(prob.max(1).values.numpy(), pred == truth)),
+        **s,
         "temperature": t,
         "test_optimal_temperature": fit_temperature(raw, torch.as_tensor(truth)),
     }
@@ -86,7 +98,7 @@ def main() -> None:
     cfg = OmegaConf.load(a.fit_dir / "run" / "config.yaml")
     e = int(cfg.optim.epochs)
     e2 = max(2, round(e * sizes["data"] / sizes["data-all"])) if a.schedule == "steps" else e
-    schedule(cfg, e2)
+    schedule(cfg, e2, sizes["data"], int(meta["preprocessing"]["channels"]))
     print(
         f"{a.fit_dir}: re-fit {e} epochs on {sizes['data-all']:,} images; new: {e2} epochs "
         f"(selection run: {e} epochs on {sizes['data']:,})"
@@ -109,11 +121,12 @@ def main() -> None:
     bundle = load_bundle(a.fit_dir / "bundle")
     old = members(bundle.model)[0].eval()
     paths = list_image_inputs([str(a.test_dir)])
-    truth = np.array([meta["classes"].index(Path(q).parent.name) for q in paths])
+    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
     x = torch.stack([bundle.decode(q) for q in paths]).float().div(255.0)
+    order = [meta["classes"].index(c) for c in CLASSES]  # as fit_folder.score_members
     res = {"method": method, "epochs": {"bundle": e, "new": e2}, "images": sizes}
     for name, net in (("bundle", old), ("new", new)):
-        s = res[name] = score(net, x, truth, t)
+        s = res[name] = score(net, x, truth, order, t)
         print(
             f"  {name} re-fit ({res['epochs'][name]} epochs, {method}): balanced acc "
             f"{100 * s['balanced_accuracy']:.2f} %, ECE {100 * s['ece']:.2f} %, T {t:.3f} "
