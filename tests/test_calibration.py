@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from longtail.evaluate.calibration import T_MAX, T_MIN, apply_temperature, fit_temperature
+from longtail.evaluate.calibration import (
+    T_MAX,
+    T_MIN,
+    apply_temperature,
+    class_balanced_weights,
+    fit_temperature,
+)
 from longtail.evaluate.metrics import accuracy, expected_calibration_error, nll
 
 
@@ -141,6 +147,47 @@ def test_scaling_improves_held_out_calibration() -> None:
 def test_fit_temperature_bad_inputs(logits, labels, match) -> None:
     with pytest.raises(ValueError, match=match):
         fit_temperature(logits, labels)
+
+
+def test_weighted_fit_equals_the_fit_on_repeated_examples() -> None:
+    """Integer weights act as repeated examples, uniform weights as none; the scale of the
+    weights does not matter."""
+    z, y = _sample(1.7, 300, 5, seed=4)
+    reps = torch.randint(1, 5, (300,), generator=torch.Generator().manual_seed(0))
+    repeated = fit_temperature(z.repeat_interleave(reps, 0), y.repeat_interleave(reps))
+    assert fit_temperature(z, y, weights=reps.double()) == pytest.approx(repeated, rel=1e-6)
+    assert fit_temperature(z, y, weights=0.1 * reps) == pytest.approx(repeated, rel=1e-6)
+    plain = fit_temperature(z, y)
+    assert fit_temperature(z, y, weights=torch.full((300,), 3.0)) == pytest.approx(plain, rel=1e-6)
+    assert abs(repeated - plain) > 1e-3  # the weights did move it
+
+
+def test_class_balanced_weights_fit_the_balanced_sample() -> None:
+    """Weights 1 / n_c on a long-tailed sample give the temperature of the same examples
+    repeated until every class has as many (here 40 / 10 / 5 -> x1 / x4 / x8)."""
+    z, y = _sample(1.0, 55, 3, seed=5)
+    y = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 10, 5]))
+    z[torch.arange(55), y] += torch.where(y == 0, 3.0, 0.5)  # the head class is easy
+    w = class_balanced_weights(y)
+    assert torch.equal(w, 1.0 / torch.tensor([40.0, 10.0, 5.0], dtype=torch.float64)[y])
+    reps = torch.tensor([1, 4, 8])[y]
+    balanced = fit_temperature(z.repeat_interleave(reps, 0), y.repeat_interleave(reps))
+    assert fit_temperature(z, y, weights=w) == pytest.approx(balanced, rel=1e-6)
+    assert fit_temperature(z, y) < 0.9 * balanced  # the easy head class sharpens the plain fit
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        (torch.ones(3), r"shape \(2,\)"),
+        (torch.tensor([1.0, -1.0]), "non-negative"),
+        (torch.zeros(2), "not all zero"),
+        (torch.tensor([1.0, float("nan")]), "finite"),
+    ],
+)
+def test_fit_temperature_bad_weights(weights, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        fit_temperature(torch.zeros(2, 3), torch.tensor([0, 1]), weights=weights)
 
 
 def test_apply_temperature_by_hand() -> None:

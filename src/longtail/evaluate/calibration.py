@@ -15,19 +15,32 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["T_MAX", "T_MIN", "apply_temperature", "fit_temperature"]
+__all__ = ["T_MAX", "T_MIN", "apply_temperature", "class_balanced_weights", "fit_temperature"]
 
 #: Bounds the fitted temperature is clamped into.
 T_MIN = 0.05
 T_MAX = 100.0
 
 
-def _nll_at(z: Tensor, y: Tensor, log_t: Tensor) -> Tensor:
-    """Mean NLL (nats) of ``softmax(z / exp(log_t))``; ``z`` (N, C) float64, ``y`` (N,) int64."""
-    return torch.nn.functional.cross_entropy(z * torch.exp(-log_t), y)
+def _nll_at(z: Tensor, y: Tensor, log_t: Tensor, w: Tensor | None = None) -> Tensor:
+    """Mean NLL (nats) of ``softmax(z / exp(log_t))``; ``z`` (N, C) float64, ``y`` (N,) int64;
+    with ``w`` (N,) float64 summing to 1, the ``w``-weighted mean."""
+    if w is None:
+        return torch.nn.functional.cross_entropy(z * torch.exp(-log_t), y)
+    return (w * torch.nn.functional.cross_entropy(z * torch.exp(-log_t), y, reduction="none")).sum()
 
 
-def _golden_section(z: Tensor, y: Tensor, lo: float, hi: float, iters: int) -> float:
+def class_balanced_weights(labels: Tensor) -> Tensor:
+    """Weights ``(N,)`` ``1 / n_{y_i}`` (``n_c``: the images of class ``c`` among ``labels``
+    ``(N,)``), so that every class present weighs alike in a weighted mean: the NLL they give
+    :func:`fit_temperature` estimates the NLL on a class-balanced sample of the same classes."""
+    y = torch.as_tensor(labels).long()
+    return 1.0 / torch.bincount(y).double()[y]
+
+
+def _golden_section(
+    z: Tensor, y: Tensor, lo: float, hi: float, iters: int, w: Tensor | None = None
+) -> float:
     """Minimise the NLL over ``log T`` in ``[lo, hi]`` by golden-section search.
 
     The NLL is convex in ``1 / T`` (log-sum-exp of a linear map minus a linear term), hence
@@ -36,7 +49,7 @@ def _golden_section(z: Tensor, y: Tensor, lo: float, hi: float, iters: int) -> f
     inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
 
     def f(v: float) -> float:
-        return float(_nll_at(z, y, torch.tensor(v, dtype=torch.float64)))
+        return float(_nll_at(z, y, torch.tensor(v, dtype=torch.float64), w))
 
     a, b = lo, hi
     c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
@@ -53,7 +66,9 @@ def _golden_section(z: Tensor, y: Tensor, lo: float, hi: float, iters: int) -> f
     return (a + b) / 2.0
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> float:
+def fit_temperature(
+    logits: Tensor, labels: Tensor, max_iter: int = 100, weights: Tensor | None = None
+) -> float:
     """Fit the temperature ``T`` that minimises the mean NLL of ``softmax(logits / T)``.
 
     Optimises ``log T`` (so ``T`` stays positive) from ``T = 1`` with ``torch.optim.LBFGS``
@@ -68,6 +83,9 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
             and device. Detached; gradients never flow back.
         labels: ``(N,)`` int64 validation labels in ``[0, C)``.
         max_iter: maximum number of L-BFGS iterations.
+        weights: ``(N,)`` non-negative per-example weights (any scale; e.g.
+            :func:`class_balanced_weights`): minimise the weighted mean NLL instead. ``None``:
+            every example alike.
 
     Returns:
         The temperature ``T`` (dimensionless, ``> 0``) as a Python float.
@@ -95,6 +113,20 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
         )
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    w = None
+    if weights is not None:
+        w = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+        if w.shape != (logits.shape[0],):
+            raise ValueError(
+                f"weights must have shape ({logits.shape[0]},) to match the logits, "
+                f"got {tuple(w.shape)}"
+            )
+        if not torch.isfinite(w).all() or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError(
+                "weights must be finite, non-negative and not all zero "
+                f"(got min {float(w.min()):g}, sum {float(w.sum()):g})"
+            )
+        w = w / w.sum()
     z = logits.detach().to("cpu", torch.float64)
     y = labels.detach().to("cpu", torch.int64)
     if not torch.isfinite(z).all():
@@ -118,7 +150,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = _nll_at(z, y, log_t)
+        loss = _nll_at(z, y, log_t, w)
         loss.backward()
         return loss
 
@@ -126,11 +158,11 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
     candidate = min(max(float(log_t.detach()), lo), hi) if math.isfinite(log_t.item()) else None
 
     # Safety net: golden-section search over the allowed range (cheap: one NLL per iteration).
-    fallback = _golden_section(z, y, lo, hi, iters=80)
+    fallback = _golden_section(z, y, lo, hi, iters=80, w=w)
     with torch.no_grad():
-        f_fallback = float(_nll_at(z, y, torch.tensor(fallback, dtype=torch.float64)))
+        f_fallback = float(_nll_at(z, y, torch.tensor(fallback, dtype=torch.float64), w))
         if candidate is not None:
-            f_candidate = float(_nll_at(z, y, torch.tensor(candidate, dtype=torch.float64)))
+            f_candidate = float(_nll_at(z, y, torch.tensor(candidate, dtype=torch.float64), w))
     if candidate is None or not math.isfinite(f_candidate) or f_fallback < f_candidate - 1e-12:
         candidate = fallback
     # Clamp in log space and return the bounds exactly (exp(log(0.05)) is not exactly 0.05).
