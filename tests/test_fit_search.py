@@ -18,7 +18,10 @@ import torch
 
 from fashion_images import run_main, write_tree
 from longtail.config import load_config
+from longtail.core.errors import LongtailError
 from longtail.evaluate.bootstrap import balanced_accuracy_of, bootstrap_gaps
+from longtail.evaluate.calibration import apply_temperature, fit_temperature
+from longtail.evaluate.metrics import evaluate_logits
 from longtail.fit import search
 from longtail.fit.ingest import pooled_for_refit, read_user_data
 from longtail.fit.search import (
@@ -31,7 +34,13 @@ from longtail.fit.search import (
     short_epochs,
     survivors,
 )
-from longtail.fit.select import MethodScore, choose, choose_mirror, score_methods
+from longtail.fit.select import (
+    MethodScore,
+    balanced_temperature,
+    choose,
+    choose_mirror,
+    score_methods,
+)
 
 
 def test_short_schedule_sees_about_40k_images_within_bounds():
@@ -140,6 +149,42 @@ def test_choose_prefers_the_simpler_method_within_the_spread_only():
     assert choose([_score("crt", best, y), _score("joint", behind, y)], y).name == "crt"
     # without labels: the plain best
     assert choose([_score("crt", best, y), _score("joint", close, y)]).name == "crt"
+
+
+def test_balanced_temperature_fits_the_pooled_hold_out_weighted_per_class():
+    """The re-fit's temperature: class-balanced NLL on validation + internal test (each class's
+    images weigh 1 / n_c), the figures recomputed at it, the predictions untouched."""
+    torch.manual_seed(1)
+    yv = torch.repeat_interleave(torch.arange(3), torch.tensor([12, 5, 3]))
+    yt = torch.repeat_interleave(torch.arange(3), torch.tensor([36, 9, 3]))
+    zv, zt = torch.randn(20, 4) + 2 * torch.eye(4)[yv], torch.randn(48, 4) + 2 * torch.eye(4)[yt]
+    heads = {"joint": torch.nn.Linear(4, 3)}
+    with torch.no_grad():  # sharp on the head class, unsure on the rare ones
+        heads["joint"].weight.copy_(torch.tensor([[6.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]))
+        heads["joint"].bias.zero_()
+    counts = np.array([60, 15, 6])
+    [score] = score_methods(heads, {"val": (zv, yv), "test": (zt, yt)}, counts, pool_test=True)
+    new = balanced_temperature(score, counts)
+    with torch.no_grad():
+        lh = heads["joint"](torch.cat([zv, zt]))
+    yh = torch.cat([yv, yt])
+    n = torch.bincount(yh).double()
+    assert new.temperature == pytest.approx(fit_temperature(lh, yh, weights=1 / n[yh]), rel=1e-9)
+    assert new.temperature != pytest.approx(fit_temperature(lh, yh), rel=0.05)
+    assert new.temperature != pytest.approx(score.temperature, rel=0.05)
+    ts = evaluate_logits(apply_temperature(lh[:20], new.temperature), yv, counts, 100, 20)
+    assert new.val["ece_ts"] == pytest.approx(ts["ece"]) and new.val["nll_ts"] == pytest.approx(
+        ts["nll"]
+    )
+    for k in ("balanced_accuracy", "accuracy", "nll"):  # do not depend on T
+        assert (new.val[k], new.test[k], new.pooled[k]) == (
+            score.val[k],
+            score.test[k],
+            score.pooled[k],
+        )
+    assert np.array_equal(new.holdout_pred, score.holdout_pred)
+    with pytest.raises(LongtailError, match="no hold-out logits"):
+        balanced_temperature(MethodScore("joint", 1.0, {}, {}), counts)
 
 
 def test_validation_and_internal_test_choose_together_when_pooled():
@@ -330,12 +375,16 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     # the re-fit did not choose on its (in-sample) validation split: one value to choose from
     assert [r["tau"] for r in refit["methods"][method]["info"]["sweep"]] == [tau]
     assert refit["methods"][method]["info"]["tau"] == tau
-    # the temperature is the selection run's (fitted on its hold-out), not the re-fit's: stage
-    # 2's, or the one fitted on the mirror-averaged validation features when those are deployed
+    # the temperature is the selection run's (fitted on its hold-out), not the re-fit's: on
+    # validation + internal test with class-balanced weights (stage 2's validation temperature,
+    # or the mirror-averaged features', choose mirror averaging and are logged beside it)
     mirror = summary["mirror"]
     assert bundle["mirror"] == mirror and bundle["spec"]["mirror"] == mirror["used"]
     assert mirror["plain"]["temperature"] == sel["methods"][method]["ts"]["temperature"]
-    assert bundle["temperature"] == mirror["mirror" if mirror["used"] else "plain"]["temperature"]
+    t_val = mirror["mirror" if mirror["used"] else "plain"]["temperature"]
+    assert f"class-balanced NLL; validation alone: {t_val:.3g})" in text
+    assert f"temperature: {bundle['temperature']:.3g} (validation + internal test" in text
+    assert "class-balanced" in bundle["measured_on"]["temperature"]
     assert ("mirror-averaged" in text) == mirror["used"]
 
 

@@ -68,6 +68,7 @@ from longtail.fit.search import (
 )
 from longtail.fit.select import (
     MethodScore,
+    balanced_temperature,
     choose,
     choose_mirror,
     score_methods,
@@ -259,6 +260,9 @@ def _run_candidate(
     )
     y = torch.cat([feats["val"][1], feats["test"][1]]) if pool_test else feats["val"][1]
     chosen = choose(scores, y, seed=int(cfg.seed))
+    for s in scores:  # only the chosen method's hold-out logits can still be needed
+        if s is not chosen:
+            s.logits = None
     cand = Candidate(
         name,
         float(cfg.loss.mixup_alpha),
@@ -525,6 +529,16 @@ def fit(
 
     assert best.stage2 is not None  # the best keeps its stage 2
     deployed, mirror = _mirror_choice(best, chosen, pool_test=pool_test, log=log)
+    t_validation = deployed.temperature
+    if pool_test:  # the hold-outs the re-fit trains on, weighted to the balanced target
+        d = best.config.data
+        deployed = balanced_temperature(
+            deployed, best.stage2.counts, many=d.many_shot, few=d.few_shot
+        )
+        log(
+            f"temperature: {deployed.temperature:.3g} (validation + internal test, "
+            f"class-balanced NLL; validation alone: {t_validation:.3g})"
+        )
     use_mirror = bool(mirror and mirror["used"])
     infos = {n: m.info for n, m in best.stage2.results.methods.items()}
     pins, unpinned = registry.pinned([chosen.name], infos)
@@ -590,7 +604,13 @@ def fit(
     measured = {
         "recipe": holdout,
         "method": f"{holdout}, run {chosen_recipe.name}",
-        "temperature": "the chosen method's validation predictions in the selection run",
+        "temperature": (
+            "the chosen method's validation + internal test predictions in the selection run, "
+            f"class-balanced NLL (T {deployed.temperature:.4g}; validation alone, plain NLL: "
+            f"{t_validation:.4g})"
+            if pool_test
+            else "the chosen method's validation predictions in the selection run"
+        ),
         "mirror": f"{holdout}, the chosen method",
         "ensemble": (
             "asked for (--ensemble), not measured per fit (no hold-out is left once the re-fit "
@@ -645,7 +665,8 @@ def fit(
         },
         "selection": f"on the {'validation + internal test' if pool_test else 'validation'} "
         "split: recipe: best balanced accuracy; method: the simplest within one bootstrap standard "
-        "deviation of the best balanced accuracy; temperature fitted on validation",
+        "deviation of the best balanced accuracy; temperature fitted on "
+        + ("validation + internal test, class-balanced" if pool_test else "validation"),
         "measured_on": measured,
         "metrics": {"validation": deployed.val, "test": deployed.test},
         "metrics_from": "the selection run " + chosen_recipe.name + " (hold-out figures)",
