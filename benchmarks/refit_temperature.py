@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fit_folder import CLASSES, top1_ece
+from fit_folder import CLASSES, score_probabilities
 from longtail.evaluate.calibration import class_balanced_weights, fit_temperature
 from longtail.fit.bundle import load_bundle, members
 from longtail.fit.images import list_image_inputs
@@ -87,12 +87,10 @@ def one_fit(fit_dir: Path, x_test: torch.Tensor, truth: np.ndarray) -> dict:
     y = torch.as_tensor(truth)
     for name, net in (("re-fit", refit), ("selection run", sel)):
         z = raw_logits(net, x_test)[:, order]
-        pred = z.argmax(1).numpy()
         t_opt = fit_temperature(z, y)
 
-        def ece(t: float, z: torch.Tensor = z, pred: np.ndarray = pred) -> float:
-            conf = torch.softmax(z / t, dim=1).max(1).values.numpy()
-            return top1_ece(conf, pred == truth)
+        def ece(t: float, z: torch.Tensor = z) -> float:
+            return score_probabilities(torch.softmax(z / t, dim=1).numpy(), truth)["ece"]
 
         out[name] = {
             "ece": {r: ece(t) for r, t in ts.items()},
