@@ -30,6 +30,7 @@ from longtail.fit.search import (
     long_epochs,
     measured_speed,
     rung1_crowds_out_rung2,
+    rung2_next_fits,
     rung2_plan,
     short_epochs,
     survivors,
@@ -98,6 +99,28 @@ def test_rung1_stops_only_when_its_next_candidate_would_rule_out_rung_2():
     assert not rung1_crowds_out_rung2(
         candidates=2, candidate_seconds=50.0, seconds_left=700.0, **fast
     )
+
+
+def test_rung2_stops_when_its_own_speed_says_the_refit_would_overrun():
+    # IF 100 seed 0 of docs/RESULTS.md ("One fit with the change"): planned at 1.15 s per
+    # epoch, the first 179-epoch rung-2 candidate ran at 1.29 (240.1 s, stage 1 231.5) and 417 s
+    # of the 900 had gone; the second and the re-fit on 1,236 / 895 of the images would take
+    # 240.1 + 1.381 x 231.5 + 8.6 = 568 s against 483 left (+85 s, past 5 % of 900)
+    kw = dict(candidate_seconds=240.1, candidate_stage1_seconds=231.5, budget_seconds=900.0)
+    assert not rung2_next_fits(seconds_left=900.0 - 417, refit_ratio=1236 / 895, **kw)
+    # it ended 72 s past the budget; at 370 s the rule would let it run (predicted end 938 s)
+    assert rung2_next_fits(seconds_left=900.0 - 370, refit_ratio=1236 / 895, **kw)
+    # IF 50 seed 0 (la2c): 410 s gone, a 69-epoch candidate of 196 s (stage 1 180): 861 s
+    assert rung2_next_fits(
+        candidate_seconds=196.0,
+        candidate_stage1_seconds=180.0,
+        seconds_left=900.0 - 410,
+        refit_ratio=2795 / 2096,
+        budget_seconds=900.0,
+    )
+    # without a re-fit only the candidate itself has to fit
+    assert rung2_next_fits(seconds_left=483.0, refit_ratio=0.0, **kw)
+    assert not rung2_next_fits(seconds_left=190.0, refit_ratio=0.0, **kw)
 
 
 def test_measured_speed_is_the_median_over_candidates():
@@ -463,6 +486,41 @@ def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
     assert asked[0]["stage2_seconds"] == pytest.approx(first["seconds"] - first["stage1_seconds"])
     assert asked[0]["candidate_seconds"] == pytest.approx(first["seconds"])
     assert 0 < asked[0]["seconds_left"] < 3600
+
+
+@pytest.mark.fashion_mnist
+def test_rung2_measures_its_own_speed_before_each_further_candidate(tmp_path, capsys, monkeypatch):
+    """After the first rung-2 candidate the search asks, with that candidate's own seconds,
+    whether the next one and the re-fit still fit; when not, it skips it, says so and records
+    it, and the fit goes on with what it trained."""
+    from longtail import fitting
+
+    monkeypatch.setattr(search, "LONG_FACTOR", 2)
+    monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", lambda **kw: False)
+    monkeypatch.setattr(fitting, "rung2_plan", lambda **kw: (2, 4))  # this machine's speed aside
+    asked = []
+
+    def slowed(**kw):
+        asked.append(kw)
+        return False
+
+    monkeypatch.setattr(fitting, "rung2_next_fits", slowed)
+    summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
+    cands = summary["candidates"]
+    assert [c["rung"] for c in cands] == [1, 1, 1, 2]
+    first = cands[3]
+    rung1 = sorted(
+        cands[:3], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
+    )
+    assert first["mixup_alpha"] == rung1[0]["mixup_alpha"]  # the best of rung 1 goes first
+    second = f"mixup{rung1[1]['mixup_alpha']:g}-e4"
+    assert summary["skipped_candidates"] == [second]
+    assert f"budget: candidate {second} skipped (rung 2 ran at" in text
+    assert len(asked) == 1 and asked[0]["refit_ratio"] == 0.0  # --no-refit
+    assert asked[0]["candidate_seconds"] == pytest.approx(first["seconds"])
+    assert asked[0]["candidate_stage1_seconds"] == pytest.approx(first["stage1_seconds"])
+    assert asked[0]["budget_seconds"] == 3600.0 and 0 < asked[0]["seconds_left"] < 3600
+    assert summary["recipe"] in {c["name"] for c in cands}
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])

@@ -61,6 +61,7 @@ from longtail.fit.search import (
     choose_candidate,
     measured_speed,
     rung1_crowds_out_rung2,
+    rung2_next_fits,
     rung2_plan,
     search_table,
     short_epochs,
@@ -506,7 +507,23 @@ def fit(
                 f"{e2} epochs (measured {per_epoch:.2f} s per epoch, {stage2_s:.0f} s per stage 2)"
             )
             for c in keep:
-                run = out / SEARCH / candidate_name(c.mixup_alpha, e2)
+                name = candidate_name(c.mixup_alpha, e2)
+                last = done[-1].candidate
+                if last.rung == 2 and not rung2_next_fits(
+                    candidate_seconds=last.seconds,
+                    candidate_stage1_seconds=last.stage1_seconds,
+                    seconds_left=deadline - time.perf_counter(),
+                    refit_ratio=refit_ratio,
+                    budget_seconds=60.0 * budget,
+                ):
+                    log(
+                        f"budget: candidate {name} skipped (rung 2 ran at "
+                        f"{last.stage1_seconds / e2:.2f} s per epoch, not {per_epoch:.2f}: "
+                        "with it the re-fit would end past the budget)"
+                    )
+                    skipped.append(name)
+                    continue
+                run = out / SEARCH / name
                 sel = _run_candidate(
                     config(e2, c.mixup_alpha), run, 2, methods, log, pool_test=pool_test
                 )

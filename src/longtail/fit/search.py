@@ -41,6 +41,7 @@ SHORT_IMAGES = 40_000  # rung 1 sees about this many images
 SHORT_MIN, SHORT_MAX = 20, 100  # rung 1's epochs at least / at most
 LONG_FACTOR = 8  # rung 2 trains at most this many times rung 1's epochs (docs/METHODS.md: why)
 MIN_GAIN_FACTOR = 1.5  # no rung 2 unless it can train this many times rung 1's epochs
+OVERRUN = 0.05  # a rung-2 candidate is skipped when the fit would end this fraction past the budget
 
 
 def short_epochs(n_train: int) -> int:
@@ -118,6 +119,40 @@ def rung2_plan(
         if e2 is not None:
             return k, e2
     return None
+
+
+def rung2_next_fits(
+    *,
+    candidate_seconds: float,
+    candidate_stage1_seconds: float,
+    seconds_left: float,
+    refit_ratio: float,
+    budget_seconds: float,
+) -> bool:
+    """Whether another rung-2 candidate and the re-fit still end within the budget.
+
+    Rung 2 was sized from rung 1's speed (:func:`rung2_plan`); the machine can slow down after
+    that (a shared or throttled CPU: 12 % between rung 1 and rung 2 on one fit of
+    docs/RESULTS.md, which ended 72 s past 15 minutes). Before each rung-2 candidate after the
+    first, the one just trained measures the speed again: the next one takes as long as it did,
+    and the re-fit its stage 1 times ``refit_ratio`` plus one stage 2 (the re-fit may repeat a
+    rung-1 candidate instead, which only ends sooner).
+
+    Args:
+        candidate_seconds: wall seconds of the rung-2 candidate just trained (stage 1 + 2).
+        candidate_stage1_seconds: of its stage 1 alone.
+        seconds_left: seconds until the budget's end.
+        refit_ratio: (re-fit images) / (search training images), or 0 without a re-fit.
+        budget_seconds: the whole budget, seconds.
+
+    Returns:
+        False when the predicted end lies more than :data:`OVERRUN` of the budget past it
+        (the prediction is within a few per cent on the fits of docs/RESULTS.md: a tighter
+        rule would skip candidates that fit).
+    """
+    stage2 = candidate_seconds - candidate_stage1_seconds
+    refit = candidate_stage1_seconds * refit_ratio + stage2 if refit_ratio else 0.0
+    return candidate_seconds + refit <= seconds_left + OVERRUN * budget_seconds
 
 
 def rung1_crowds_out_rung2(
