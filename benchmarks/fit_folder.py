@@ -125,6 +125,16 @@ def score_probabilities(prob: np.ndarray, truth: np.ndarray) -> dict:
     return score_predictions(prob.argmax(1), prob.max(1), truth)
 
 
+def raw_logits(net, x):
+    """Un-tempered logits ``(N, K)`` of a deployed network (``DeployedClassifier``: its
+    ``logits`` divided by its ``temperature``) on images ``x`` ``(N, C, S, S)`` in [0, 1],
+    256 at a time, without autograd."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([net.logits(c) for c in x.split(256)]) * net.temperature
+
+
 def score_members(bundle_dir: Path, test_dir: Path, expect: float) -> dict:
     """Each network of an ensemble bundle scored alone on the test folder (``{}`` for a single
     network): ``{member name: score_probabilities(...)}``, names from ``bundle.json``; exits
@@ -145,8 +155,7 @@ def score_members(bundle_dir: Path, test_dir: Path, expect: float) -> dict:
     names = b.meta.get("ensemble") or [f"member {i}" for i in range(len(nets))]
     # the bundle's class order (its folder names, sorted) -> CLASSES' order
     order = [b.meta["classes"].index(c) for c in CLASSES]
-    with torch.no_grad():
-        probs = [torch.cat([m(c) for c in x.split(256)])[:, order].numpy() for m in nets]
+    probs = [torch.softmax(raw_logits(m, x) / m.temperature, 1)[:, order].numpy() for m in nets]
     whole = score_probabilities(np.mean(probs, axis=0), truth)["balanced_accuracy"]
     if abs(whole - expect) > 1e-3:  # a check of this scoring against `longtail predict`'s
         raise SystemExit(f"members' mean scores {whole:.4f}, longtail predict {expect:.4f}")

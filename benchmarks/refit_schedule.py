@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fit_folder import CLASSES, score_probabilities  # the figures of fit_folder.py, alike
+from fit_folder import CLASSES, raw_logits, score_probabilities  # fit_folder.py's figures
 from longtail.classify.run import Stage2
 from longtail.evaluate.calibration import fit_temperature
 from longtail.fit.bundle import DeployedClassifier, load_bundle, members
@@ -67,11 +67,11 @@ def score(
     net: torch.nn.Module, x: torch.Tensor, truth: np.ndarray, order: list[int], t: float
 ) -> dict:
     """``fit_folder.score_probabilities`` (balanced accuracy, per class, ECE) of ``net``
-    (calibrated logits at temperature ``t``) on images ``x`` ``(N, C, S, S)`` in ``[0, 1]``
+    (deployed at temperature ``t``) on images ``x`` ``(N, C, S, S)`` in ``[0, 1]``
     with labels ``truth`` ``(N,)`` (indices into CLASSES; ``order`` maps the bundle's classes
     to CLASSES), and the test-optimal temperature."""
-    with torch.no_grad():
-        raw = (torch.cat([net.logits(c) for c in x.split(256)]) * t)[:, order]
+    assert abs(float(net.temperature) - t) <= 1e-6 * t
+    raw = raw_logits(net, x)[:, order]
     s = score_probabilities(torch.softmax(raw / t, dim=1).numpy(), truth)
     return {
         **s,

@@ -32,18 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fit_folder import CLASSES, score_probabilities
+from fit_folder import CLASSES, raw_logits, score_probabilities
 from longtail.evaluate.calibration import class_balanced_weights, fit_temperature
 from longtail.fit.bundle import load_bundle, members
 from longtail.fit.images import list_image_inputs
 
 RULES = ("val", "val_bal", "pool", "pool_bal")
-
-
-@torch.no_grad()
-def raw_logits(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Un-tempered logits ``(N, K)`` of a deployed network on images ``(N, C, S, S)`` in [0, 1]."""
-    return torch.cat([net.logits(c) for c in x.split(256)]) * net.temperature
 
 
 def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
