@@ -60,6 +60,7 @@ from longtail.fit.search import (
     candidate_name,
     choose_candidate,
     measured_speed,
+    prefer_long,
     rung1_crowds_out_rung2,
     rung2_next_fits,
     rung2_plan,
@@ -450,7 +451,8 @@ def fit(
     methods = _deployable_methods(overrides)
     done: list[_Selection] = []
     skipped: list[str] = []
-    best: _Selection | None = None
+    best: _Selection | None = None  # rung 1's best, then the chosen candidate
+    best2: _Selection | None = None  # rung 2's best
     refit_ratio = n_all / n_train if pooled else 0.0
     for alpha, cfg in rung1.items():
         name = candidate_name(alpha, short)
@@ -528,11 +530,27 @@ def fit(
                     config(e2, c.mixup_alpha), run, 2, methods, log, pool_test=pool_test
                 )
                 done.append(sel)
-                best = _better(best, sel)
+                best2 = _better(best2, sel)
+    why = ""
+    if best2 is not None:
+        if choose_candidate([best.candidate, best2.candidate]) is best2.candidate:
+            best = _better(best, best2)
+        else:
+            _bootstrap_candidates(done, best, seed)
+            if prefer_long(best.candidate, best2.candidate):
+                gap, sd = best2.candidate.gap
+                why = (
+                    f"rung 2's best: {best.candidate.name} leads it by {100 * gap:.2f} points, "
+                    f"within one bootstrap sd ({100 * sd:.2f}); rung 1's best is the maximum of "
+                    "noisy scores"
+                )
+                best.stage2, best = None, best2
+            else:
+                best2.stage2 = None
     _bootstrap_candidates(done, best, seed)
     candidates = [s.candidate for s in done]
     chosen_recipe = best.candidate
-    log(search_table(candidates, chosen_recipe.name))
+    log(search_table(candidates, chosen_recipe.name, why))
     chosen = best.chosen
     log(selection_table(best.scores, chosen.name))
     searched = [
@@ -681,8 +699,9 @@ def fit(
             "pretrained": data.plan.weights_path,
         },
         "selection": f"on the {'validation + internal test' if pool_test else 'validation'} "
-        "split: recipe: best balanced accuracy; method: the simplest within one bootstrap standard "
-        "deviation of the best balanced accuracy; temperature fitted on "
+        "split: recipe: best balanced accuracy (rung 2's best when a rung-1 candidate leads it "
+        "by no more than one bootstrap standard deviation); method: the simplest within one "
+        "bootstrap standard deviation of the best balanced accuracy; temperature fitted on "
         + ("validation + internal test, class-balanced" if pool_test else "validation"),
         "measured_on": measured,
         "metrics": {"validation": deployed.val, "test": deployed.test},
@@ -728,6 +747,7 @@ def fit(
         "candidates": [c.to_json() for c in candidates],
         "skipped_candidates": skipped,
         "recipe": chosen_recipe.name,
+        "recipe_why": why or "the best hold-out balanced accuracy",
         "recipe_summary": recipe_summary(cfg, n_train),
         "chosen": chosen.name,
         "mirror": mirror,
