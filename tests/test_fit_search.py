@@ -326,6 +326,12 @@ def test_survivors_and_choice_rank_by_validation_then_epochs():
 
     cs = [cand("a", 0.0, 20, 0.70), cand("b", 0.2, 20, 0.80), cand("c", 1.0, 20, 0.75)]
     assert [c.name for c in survivors(cs)] == ["b", "c"]
+    # IF 50 seed 1 of docs/RESULTS.md: mixup 1 ranked last after 20 epochs; it takes the
+    # second place of rung 2 from mixup 0.2, the best stays first; one place: the best alone
+    late = [cand("m0.2", 0.2, 20, 0.8262), cand("m0", 0.0, 20, 0.8299), cand("m1", 1.0, 20, 0.7667)]
+    assert [c.name for c in survivors(late)] == ["m0", "m1"]
+    assert [c.name for c in survivors(late, 1)] == ["m0"]
+    assert [c.name for c in survivors(late, 3)] == ["m0", "m0.2", "m1"]
     tie = [cand("long", 0.2, 80, 0.80), cand("short", 0.2, 20, 0.80)]
     assert choose_candidate(tie).name == "short"
     assert choose_candidate([*cs, cand("d", 1.0, 80, 0.85)]).name == "d"
@@ -383,9 +389,14 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     # the bundle re-fits on the internal test split too, so it chooses with validation
     holdout = [c["val_and_test"] for c in cands]
     rung1 = sorted(holdout[:3], key=lambda h: (-round(h["balanced_accuracy"], 9), h["nll_ts"]))
-    keep = {cands[holdout.index(h)]["mixup_alpha"] for h in rung1[:2]}
+    # rung 1's best goes on, and with it the strongest mixup when rung 1 ranked it out
+    best = cands[holdout.index(rung1[0])]["mixup_alpha"]
+    second = cands[holdout.index(rung1[1])]["mixup_alpha"]
+    keep = [best, second if 1.0 in (best, second) else 1.0]
     assert [(c["rung"], c["epochs"]) for c in cands[3:]] == [(2, 8), (2, 8)]
-    assert {c["mixup_alpha"] for c in cands[3:]} == keep
+    assert [c["mixup_alpha"] for c in cands[3:]] == keep
+    why = "best 2 of rung 1" if second == keep[1] else "rung 1's best and the strongest mixup"
+    assert f"rung 2: mixup{keep[0]:g}-e2, mixup{keep[1]:g}-e2 ({why}" in text
     # the best hold-out score wins, but rung 1's best only by more than one bootstrap sd
     chosen = next(c for c in cands if c["name"] == summary["recipe"])
     assert chosen["gap_to_best"] == {"gap": 0.0, "std": 0.0}
@@ -540,7 +551,8 @@ def test_rung2_measures_its_own_speed_before_each_further_candidate(tmp_path, ca
         cands[:3], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
     )
     assert first["mixup_alpha"] == rung1[0]["mixup_alpha"]  # the best of rung 1 goes first
-    second = f"mixup{rung1[1]['mixup_alpha']:g}-e4"
+    alphas = [c["mixup_alpha"] for c in rung1]
+    second = f"mixup{alphas[1] if 1.0 in alphas[:2] else 1.0:g}-e4"  # the strongest mixup
     assert summary["skipped_candidates"] == [second]
     assert f"budget: candidate {second} skipped (rung 2 ran at" in text
     assert len(asked) == 1 and asked[0]["refit_ratio"] == 0.0  # --no-refit

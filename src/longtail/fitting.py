@@ -61,6 +61,7 @@ from longtail.fit.search import (
     choose_candidate,
     measured_speed,
     prefer_long,
+    ranked,
     rung1_crowds_out_rung2,
     rung2_next_fits,
     rung2_plan,
@@ -285,6 +286,13 @@ def _run_candidate(
     return _Selection(cand, cfg, s2, scores, chosen, results, y)
 
 
+def _rung2_why(keep: list[Candidate], rung1: list[Candidate]) -> str:
+    """How :func:`survivors` picked ``keep`` from ``rung1``, for the log."""
+    if [c.name for c in keep] == [c.name for c in ranked(rung1)[: len(keep)]]:
+        return f"best {len(keep)} of rung 1"
+    return "rung 1's best and the strongest mixup, which a short schedule cannot rank"
+
+
 def _better(a: _Selection | None, b: _Selection) -> _Selection:
     """The better of two candidates; the loser's stage 2 (model, features, banks) is freed."""
     if a is None:
@@ -505,7 +513,7 @@ def fit(
         else:
             keep, e2 = survivors(c1, plan[0]), plan[1]
             log(
-                f"rung 2: {', '.join(c.name for c in keep)} (best {len(keep)} of rung 1) for "
+                f"rung 2: {', '.join(c.name for c in keep)} ({_rung2_why(keep, c1)}) for "
                 f"{e2} epochs (measured {per_epoch:.2f} s per epoch, {stage2_s:.0f} s per stage 2)"
             )
             for c in keep:
