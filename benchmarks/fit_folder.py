@@ -125,6 +125,19 @@ def score_probabilities(prob: np.ndarray, truth: np.ndarray) -> dict:
     return score_predictions(prob.argmax(1), prob.max(1), truth)
 
 
+def test_images(bundle, test_dir: Path) -> tuple:
+    """The test folder as a bundle sees it: images ``(N, C, S, S)`` in [0, 1], decoded by
+    ``bundle`` (a loaded ``longtail fit`` bundle), and their labels ``(N,)`` as indices into
+    CLASSES (the folder names)."""
+    import torch
+
+    from longtail.fit.images import list_image_inputs
+
+    paths = list_image_inputs([str(test_dir)])
+    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
+    return torch.stack([bundle.decode(q) for q in paths]).float().div(255.0), truth
+
+
 def raw_logits(net, x):
     """Un-tempered logits ``(N, K)`` of a deployed network (``DeployedClassifier``: its
     ``logits`` divided by its ``temperature``) on images ``x`` ``(N, C, S, S)`` in [0, 1],
@@ -143,15 +156,12 @@ def score_members(bundle_dir: Path, test_dir: Path, expect: float) -> dict:
     import torch
 
     from longtail.fit.bundle import load_bundle, members
-    from longtail.fit.images import list_image_inputs
 
     b = load_bundle(bundle_dir)
     nets = members(b.model)
     if len(nets) < 2:
         return {}
-    paths = list_image_inputs([str(test_dir)])
-    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
-    x = torch.stack([b.decode(q) for q in paths]).float().div(255.0)
+    x, truth = test_images(b, test_dir)
     names = b.meta.get("ensemble") or [f"member {i}" for i in range(len(nets))]
     # the bundle's class order (its folder names, sorted) -> CLASSES' order
     order = [b.meta["classes"].index(c) for c in CLASSES]

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fit_folder import CLASSES, raw_logits, score_probabilities  # fit_folder.py's figures
+from fit_folder import CLASSES, raw_logits, score_probabilities, test_images
 from longtail.classify.run import Stage2
 from longtail.evaluate.calibration import fit_temperature
 from longtail.fit.bundle import DeployedClassifier, load_bundle, members
-from longtail.fit.images import Header, list_image_inputs
+from longtail.fit.images import Header
 from longtail.fit.plan import plan_input, recipe
 from longtail.train.loop import Stage1
 from longtail.train.schedules import swa_collect_from
@@ -120,9 +120,7 @@ def main() -> None:
     ).eval()
     bundle = load_bundle(a.fit_dir / "bundle")
     old = members(bundle.model)[0].eval()
-    paths = list_image_inputs([str(a.test_dir)])
-    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
-    x = torch.stack([bundle.decode(q) for q in paths]).float().div(255.0)
+    x, truth = test_images(bundle, a.test_dir)
     order = [meta["classes"].index(c) for c in CLASSES]  # as fit_folder.score_members
     res = {"method": method, "epochs": {"bundle": e, "new": e2}, "images": sizes}
     for name, net in (("bundle", old), ("new", new)):

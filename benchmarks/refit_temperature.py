@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fit_folder import CLASSES, raw_logits, score_probabilities
+from fit_folder import CLASSES, raw_logits, score_probabilities, test_images
 from longtail.evaluate.calibration import class_balanced_weights, fit_temperature
 from longtail.fit.bundle import load_bundle, members
-from longtail.fit.images import list_image_inputs
 
 RULES = ("val", "val_bal", "pool", "pool_bal")
 
@@ -100,10 +99,7 @@ def main() -> None:
     p.add_argument("fit_dirs", type=Path, nargs="+", help="`longtail fit --ensemble` folders")
     p.add_argument("--json", type=Path, help="also write every figure here")
     a = p.parse_args()
-    paths = list_image_inputs([str(a.test_dir)])
-    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
-    b0 = load_bundle(a.fit_dirs[0] / "bundle")
-    x_test = torch.stack([b0.decode(q) for q in paths]).float().div(255.0)
+    x_test, truth = test_images(load_bundle(a.fit_dirs[0] / "bundle"), a.test_dir)
     rows = []
     head = "fit | method | T: " + " / ".join(RULES) + " / test-opt (re-fit) | ECE % re-fit: "
     print(head + " / ".join(RULES) + " / at opt | ECE % selection run: same")

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fit_folder import CLASSES, raw_logits, score_probabilities
+from fit_folder import CLASSES, raw_logits, score_probabilities, test_images
 from longtail.fit.bundle import DeployedClassifier, load_bundle, members
-from longtail.fit.images import list_image_inputs
 from longtail.models.registry import build_model
 
 
@@ -69,10 +68,7 @@ def main() -> None:
     p.add_argument("fit_dirs", type=Path, nargs="+", help="`longtail fit` output folders")
     p.add_argument("--json", type=Path, help="also write every figure here")
     a = p.parse_args()
-    paths = list_image_inputs([str(a.test_dir)])
-    truth = np.array([CLASSES.index(Path(q).parent.name) for q in paths])
-    b0 = load_bundle(a.fit_dirs[0] / "bundle")
-    x = torch.stack([b0.decode(q) for q in paths]).float().div(255.0)
+    x, truth = test_images(load_bundle(a.fit_dirs[0] / "bundle"), a.test_dir)
     out = []
     print("fit | candidate | rung | method | hold-out % (gap to chosen ± sd) | test, joint head %")
     for d in a.fit_dirs:
