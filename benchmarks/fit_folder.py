@@ -138,6 +138,21 @@ def test_images(bundle, test_dir: Path) -> tuple:
     return torch.stack([bundle.decode(q) for q in paths]).float().div(255.0), truth
 
 
+def scoring_args(doc: str, fits: str) -> tuple:
+    """The command line of a script that scores ``longtail fit`` folders on the test folder
+    (``TEST_DIR FIT_DIR [FIT_DIR ...] [--json OUT]``; ``doc``'s first line describes it, ``fits``
+    the folders it wants): the parsed arguments and :func:`test_images` through the first fit's
+    bundle."""
+    from longtail.fit.bundle import load_bundle
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("test_dir", type=Path, help="class subfolders of test images")
+    p.add_argument("fit_dirs", type=Path, nargs="+", help=fits)
+    p.add_argument("--json", type=Path, help="also write every figure here")
+    a = p.parse_args()
+    return (a, *test_images(load_bundle(a.fit_dirs[0] / "bundle"), a.test_dir))
+
+
 def raw_logits(net, x):
     """Un-tempered logits ``(N, K)`` of a deployed network (``DeployedClassifier``: its
     ``logits`` divided by its ``temperature``) on images ``x`` ``(N, C, S, S)`` in [0, 1],

@@ -25,14 +25,13 @@ depend on the temperature. docs/RESULTS.md (issue 19) quotes it.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fit_folder import CLASSES, raw_logits, score_probabilities, test_images
+from fit_folder import CLASSES, raw_logits, score_probabilities, scoring_args
 from longtail.evaluate.calibration import class_balanced_weights, fit_temperature
 from longtail.fit.bundle import load_bundle, members
 
@@ -94,12 +93,7 @@ def one_fit(fit_dir: Path, x_test: torch.Tensor, truth: np.ndarray) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("test_dir", type=Path, help="class subfolders of test images")
-    p.add_argument("fit_dirs", type=Path, nargs="+", help="`longtail fit --ensemble` folders")
-    p.add_argument("--json", type=Path, help="also write every figure here")
-    a = p.parse_args()
-    x_test, truth = test_images(load_bundle(a.fit_dirs[0] / "bundle"), a.test_dir)
+    a, x_test, truth = scoring_args(__doc__, "`longtail fit --ensemble` folders")
     rows = []
     head = "fit | method | T: " + " / ".join(RULES) + " / test-opt (re-fit) | ECE % re-fit: "
     print(head + " / ".join(RULES) + " / at opt | ECE % selection run: same")

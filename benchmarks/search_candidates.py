@@ -15,14 +15,13 @@ fit. Accuracy does not depend on a temperature, so none is applied. docs/RESULTS
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fit_folder import CLASSES, raw_logits, score_probabilities, test_images
+from fit_folder import CLASSES, raw_logits, score_probabilities, scoring_args
 from longtail.fit.bundle import DeployedClassifier, load_bundle, members
 from longtail.models.registry import build_model
 
@@ -63,12 +62,7 @@ def one_fit(fit_dir: Path, x: torch.Tensor, truth: np.ndarray) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("test_dir", type=Path, help="class subfolders of test images")
-    p.add_argument("fit_dirs", type=Path, nargs="+", help="`longtail fit` output folders")
-    p.add_argument("--json", type=Path, help="also write every figure here")
-    a = p.parse_args()
-    x, truth = test_images(load_bundle(a.fit_dirs[0] / "bundle"), a.test_dir)
+    a, x, truth = scoring_args(__doc__, "`longtail fit` output folders")
     out = []
     print("fit | candidate | rung | method | hold-out % (gap to chosen ± sd) | test, joint head %")
     for d in a.fit_dirs:
