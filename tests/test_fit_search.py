@@ -366,8 +366,9 @@ def test_pooled_data_is_every_labelled_image_but_a_given_test(tmp_path):
 
 @pytest.mark.fashion_mnist
 def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, monkeypatch):
-    """Rung 1 (three mixup strengths, 2 epochs), the best two for 8 epochs (4 x rung 1, the
-    cap), the best of all five re-fitted on every labelled image with its method's choice."""
+    """Rung 1 (mixup 0.2 and 0, 2 epochs), its best and mixup 1 (straight from the start) for 8
+    epochs (4 x rung 1, the cap), the best of all four re-fitted on every labelled image with
+    its method's choice."""
     monkeypatch.setattr(search, "SHORT_MIN", 2)
     monkeypatch.setattr(search, "SHORT_IMAGES", 1)
     monkeypatch.setattr(search, "LONG_FACTOR", 4)  # a short test; the cap's value: search.py
@@ -381,29 +382,30 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     assert code == 0, err
     summary = json.loads((out / "fit.json").read_text())
     cands = summary["candidates"]
-    assert [(c["rung"], c["epochs"], c["mixup_alpha"]) for c in cands[:3]] == [
+    # mixup 1 skips rung 1: rung 2 takes it whatever a short run would score
+    assert [(c["rung"], c["epochs"], c["mixup_alpha"]) for c in cands[:2]] == [
         (1, 2, 0.2),
         (1, 2, 0.0),
-        (1, 2, 1.0),
     ]
+    assert "rung 1: mixup1-e2 not trained: the strongest mixup goes straight to rung 2" in text
     # the bundle re-fits on the internal test split too, so it chooses with validation
     holdout = [c["val_and_test"] for c in cands]
-    rung1 = sorted(holdout[:3], key=lambda h: (-round(h["balanced_accuracy"], 9), h["nll_ts"]))
-    # rung 1's best goes on, and with it the strongest mixup when rung 1 ranked it out
+    rung1 = sorted(holdout[:2], key=lambda h: (-round(h["balanced_accuracy"], 9), h["nll_ts"]))
     best = cands[holdout.index(rung1[0])]["mixup_alpha"]
-    second = cands[holdout.index(rung1[1])]["mixup_alpha"]
-    keep = [best, second if 1.0 in (best, second) else 1.0]
-    assert [(c["rung"], c["epochs"]) for c in cands[3:]] == [(2, 8), (2, 8)]
-    assert [c["mixup_alpha"] for c in cands[3:]] == keep
-    why = "best 2 of rung 1" if second == keep[1] else "rung 1's best and the strongest mixup"
-    assert f"rung 2: mixup{keep[0]:g}-e2, mixup{keep[1]:g}-e2 ({why}" in text
+    assert [(c["rung"], c["epochs"], c["mixup_alpha"]) for c in cands[2:]] == [
+        (2, 8, best),
+        (2, 8, 1.0),
+    ]
+    why = "rung 1's best and the strongest mixup, straight from the start"
+    assert f"rung 2: mixup{best:g}-e8, mixup1-e8 ({why}" in text
+    assert summary["skipped_candidates"] == []
     # the best hold-out score wins, but rung 1's best only by more than one bootstrap sd
     chosen = next(c for c in cands if c["name"] == summary["recipe"])
     assert chosen["gap_to_best"] == {"gap": 0.0, "std": 0.0}
-    top1 = max(h["balanced_accuracy"] for h in holdout[:3])
-    top2 = max(h["balanced_accuracy"] for h in holdout[3:])
-    long = max(cands[3:], key=lambda c: c["val_and_test"]["balanced_accuracy"])
-    short = max(cands[:3], key=lambda c: c["val_and_test"]["balanced_accuracy"])
+    top1 = max(h["balanced_accuracy"] for h in holdout[:2])
+    top2 = max(h["balanced_accuracy"] for h in holdout[2:])
+    long = max(cands[2:], key=lambda c: c["val_and_test"]["balanced_accuracy"])
+    short = max(cands[:2], key=lambda c: c["val_and_test"]["balanced_accuracy"])
     if chosen["rung"] == 1:
         assert chosen["val_and_test"]["balanced_accuracy"] == top1 > top2
         assert long["gap_to_best"]["gap"] > long["gap_to_best"]["std"]
@@ -499,8 +501,9 @@ def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
     tmp_path, capsys, monkeypatch
 ):
     """When another rung-1 candidate would crowd out rung 2, rung 1 stops and its best goes on
-    alone to the long schedule. The decision is made with the speed the first candidate
-    measured (checked here against fit.json); the budget rule itself is tested above."""
+    to the long schedule (with the strongest mixup, which skips rung 1). The decision is made
+    with the speed the first candidate measured (checked here against fit.json); the budget
+    rule itself is tested above."""
     from longtail import fitting
 
     monkeypatch.setattr(search, "LONG_FACTOR", 2)
@@ -512,14 +515,16 @@ def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
 
     monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", crowded)
     summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
+    # mixup 1 is not a rung-1 candidate: rung 2 (room for two here) takes it beside the best
     assert [(c["name"], c["rung"]) for c in summary["candidates"]] == [
         ("mixup0.2-e2", 1),
         ("mixup0.2-e4", 2),
+        ("mixup1-e4", 2),
     ]
-    assert summary["skipped_candidates"] == ["mixup0-e2", "mixup1-e2"]
+    assert summary["skipped_candidates"] == ["mixup0-e2"]
     assert "budget: candidate mixup0-e2 skipped (with it, no long schedule" in text
     first = summary["candidates"][0]
-    assert len(asked) == 2 and asked[0]["candidates"] == 1 and asked[0]["refit_ratio"] == 0.0
+    assert len(asked) == 1 and asked[0]["candidates"] == 1 and asked[0]["refit_ratio"] == 0.0
     assert asked[0]["seconds_per_epoch"] == pytest.approx(first["stage1_seconds"] / 2)
     assert asked[0]["stage2_seconds"] == pytest.approx(first["seconds"] - first["stage1_seconds"])
     assert asked[0]["candidate_seconds"] == pytest.approx(first["seconds"])
@@ -545,16 +550,15 @@ def test_rung2_measures_its_own_speed_before_each_further_candidate(tmp_path, ca
     monkeypatch.setattr(fitting, "rung2_next_fits", slowed)
     summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
     cands = summary["candidates"]
-    assert [c["rung"] for c in cands] == [1, 1, 1, 2]
-    first = cands[3]
+    assert [c["rung"] for c in cands] == [1, 1, 2]
+    first = cands[2]
     rung1 = sorted(
-        cands[:3], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
+        cands[:2], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
     )
     assert first["mixup_alpha"] == rung1[0]["mixup_alpha"]  # the best of rung 1 goes first
-    alphas = [c["mixup_alpha"] for c in rung1]
-    second = f"mixup{alphas[1] if 1.0 in alphas[:2] else 1.0:g}-e4"  # the strongest mixup
-    assert summary["skipped_candidates"] == [second]
-    assert f"budget: candidate {second} skipped (rung 2 ran at" in text
+    # the strongest mixup, straight from the start, is the one the measured speed rules out
+    assert summary["skipped_candidates"] == ["mixup1-e4"]
+    assert "budget: candidate mixup1-e4 skipped (rung 2 ran at" in text
     assert len(asked) == 1 and asked[0]["refit_ratio"] == 0.0  # --no-refit
     assert asked[0]["candidate_seconds"] == pytest.approx(first["seconds"])
     assert asked[0]["candidate_stage1_seconds"] == pytest.approx(first["stage1_seconds"])

@@ -286,8 +286,11 @@ def _run_candidate(
     return _Selection(cand, cfg, s2, scores, chosen, results, y)
 
 
-def _rung2_why(keep: list[Candidate], rung1: list[Candidate]) -> str:
-    """How :func:`survivors` picked ``keep`` from ``rung1``, for the log."""
+def _rung2_why(keep: list[Candidate], rung1: list[Candidate], straight: bool = False) -> str:
+    """How :func:`survivors` picked ``keep`` from ``rung1`` (``straight``: and the strongest
+    mixup, which skipped rung 1, takes the last place), for the log."""
+    if straight:
+        return "rung 1's best and the strongest mixup, straight from the start"
     if [c.name for c in keep] == [c.name for c in ranked(rung1)[: len(keep)]]:
         return f"best {len(keep)} of rung 1"
     return "rung 1's best and the strongest mixup, which a short schedule cannot rank"
@@ -462,8 +465,27 @@ def fit(
     best: _Selection | None = None  # rung 1's best, then the chosen candidate
     best2: _Selection | None = None  # rung 2's best
     refit_ratio = n_all / n_train if pooled else 0.0
+    # the strongest mixup skips rung 1 when rung 2 has room for it beside rung 1's best:
+    # survivors() would send it there whatever its short run measured (search.py, step 2)
+    strongest = grid[-1] if len(grid) > 1 and not epochs and grid[-1] == max(grid) else None
+    straight: float | None = None  # the mixup strength that went straight to rung 2
     for alpha, cfg in rung1.items():
         name = candidate_name(alpha, short)
+        if alpha == strongest and done:
+            plan = rung2_plan(
+                candidates=len(done) + 1,
+                short=short,
+                **measured_speed([s.candidate for s in done]),
+                seconds_left=deadline - time.perf_counter(),
+                refit_ratio=refit_ratio,
+            )
+            if plan is not None and plan[0] >= 2:
+                log(
+                    f"rung 1: {name} not trained: the strongest mixup goes straight to rung 2 "
+                    f"(a {short}-epoch run cannot rank it, and rung 2 takes it whatever it scores)"
+                )
+                straight = alpha
+                continue
         if done:
             first = done[0].candidate
             refit_s = first.stage1_seconds * n_all / n_train + first.seconds - first.stage1_seconds
@@ -499,25 +521,33 @@ def fit(
         speed = measured_speed(c1)
         per_epoch, stage2_s = speed["seconds_per_epoch"], speed["stage2_seconds"]
         plan = rung2_plan(
-            candidates=len(c1),
+            candidates=len(c1) + (straight is not None),
             short=short,
             **speed,
             seconds_left=deadline - time.perf_counter(),
             refit_ratio=refit_ratio,
         )
+        late = plan is not None and straight is not None and plan[0] >= 2
+        if straight is not None and not late:  # rung 1 took the time it was skipped for
+            name = candidate_name(straight, plan[1] if plan else short)
+            log(f"budget: candidate {name} skipped (rung 2 has no room for it any more)")
+            skipped.append(name)
         if plan is None:
             log(
                 f"budget: no long schedule (measured {per_epoch:.2f} s per epoch, "
                 f"{stage2_s:.0f} s per stage 2: fewer than 1.5 x {short} epochs fit)"
             )
         else:
-            keep, e2 = survivors(c1, plan[0]), plan[1]
+            k, e2 = plan
+            keep = survivors(c1, k - 1 if late else k)
+            alphas = [c.mixup_alpha for c in keep] + ([straight] if late else [])
             log(
-                f"rung 2: {', '.join(c.name for c in keep)} ({_rung2_why(keep, c1)}) for "
-                f"{e2} epochs (measured {per_epoch:.2f} s per epoch, {stage2_s:.0f} s per stage 2)"
+                f"rung 2: {', '.join(candidate_name(a, e2) for a in alphas)} "
+                f"({_rung2_why(keep, c1, late)}; measured {per_epoch:.2f} s per epoch, "
+                f"{stage2_s:.0f} s per stage 2)"
             )
-            for c in keep:
-                name = candidate_name(c.mixup_alpha, e2)
+            for alpha in alphas:
+                name = candidate_name(alpha, e2)
                 last = done[-1].candidate
                 if last.rung == 2 and not rung2_next_fits(
                     candidate_seconds=last.seconds,
@@ -534,9 +564,7 @@ def fit(
                     skipped.append(name)
                     continue
                 run = out / SEARCH / name
-                sel = _run_candidate(
-                    config(e2, c.mixup_alpha), run, 2, methods, log, pool_test=pool_test
-                )
+                sel = _run_candidate(config(e2, alpha), run, 2, methods, log, pool_test=pool_test)
                 done.append(sel)
                 best2 = _better(best2, sel)
     why = ""

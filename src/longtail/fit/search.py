@@ -11,7 +11,9 @@ Successive halving within a time budget (:class:`SearchPlan`):
    20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2; a
    candidate that would leave no room for rung 2 is skipped when rung 2 fits without it
    (:func:`rung1_crowds_out_rung2`: on a slow CPU the schedule length is worth more than
-   another mixup strength);
+   another mixup strength). The strongest mixup (the grid's last) skips rung 1 when rung 2
+   has room for two survivors: step 2 would send it there whatever its short run scored, so
+   that run would only take time from the long schedule;
 2. the :data:`SURVIVORS` best by hold-out score, the strongest mixup in the last place
    (:func:`survivors`: a short schedule cannot rank it; fewer when only fewer fit,
    :func:`rung2_plan`) go on to **rung 2**, the long schedule
