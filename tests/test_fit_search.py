@@ -566,6 +566,29 @@ def test_rung2_measures_its_own_speed_before_each_further_candidate(tmp_path, ca
     assert summary["recipe"] in {c["name"] for c in cands}
 
 
+@pytest.mark.fashion_mnist
+def test_the_strongest_mixup_is_skipped_when_rung_2_no_longer_has_room(
+    tmp_path, capsys, monkeypatch
+):
+    """Mixup 1 skipped rung 1 for a place in rung 2; when the plan after rung 1 has room for
+    one survivor only, it is not trained at all, and the log and fit.json say so."""
+    from longtail import fitting
+
+    monkeypatch.setattr(search, "LONG_FACTOR", 2)
+    monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", lambda **kw: False)
+    plans = iter([(2, 4), (1, 4)])  # at mixup 1's turn, then after rung 1 (a slowed machine)
+    monkeypatch.setattr(fitting, "rung2_plan", lambda **kw: next(plans))
+    summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
+    cands = summary["candidates"]
+    assert [(c["rung"], c["mixup_alpha"]) for c in cands[:2]] == [(1, 0.2), (1, 0.0)]
+    best = max(cands[:2], key=lambda c: (c["val"]["balanced_accuracy"], -c["val"]["nll_ts"]))
+    assert [(c["rung"], c["name"]) for c in cands[2:]] == [(2, f"mixup{best['mixup_alpha']:g}-e4")]
+    assert summary["skipped_candidates"] == ["mixup1-e4"]
+    assert "rung 1: mixup1-e2 not trained: the strongest mixup goes straight to rung 2" in text
+    assert "budget: candidate mixup1-e4 skipped (rung 2 has no room for it any more)" in text
+    assert f"rung 2: mixup{best['mixup_alpha']:g}-e4 (best 1 of rung 1;" in text
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])
 def test_budget_must_be_positive(tmp_path, capsys, bad):
     code, _, err = run_main(
