@@ -567,26 +567,36 @@ def test_rung2_measures_its_own_speed_before_each_further_candidate(tmp_path, ca
 
 
 @pytest.mark.fashion_mnist
-def test_the_strongest_mixup_is_skipped_when_rung_2_no_longer_has_room(
+def test_the_plan_that_sends_the_strongest_mixup_straight_to_rung_2_is_the_one_it_runs(
     tmp_path, capsys, monkeypatch
 ):
-    """Mixup 1 skipped rung 1 for a place in rung 2; when the plan after rung 1 has room for
-    one survivor only, it is not trained at all, and the log and fit.json say so."""
+    """Mixup 1 skips rung 1 on a plan with two places in rung 2; rung 2 runs that plan (asked
+    once, with mixup 1 counted), not a second one made a moment later. The budget is then
+    guarded, as for any second rung-2 run, by rung2_next_fits (tested above)."""
     from longtail import fitting
 
     monkeypatch.setattr(search, "LONG_FACTOR", 2)
     monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", lambda **kw: False)
-    plans = iter([(2, 4), (1, 4)])  # at mixup 1's turn, then after rung 1 (a slowed machine)
-    monkeypatch.setattr(fitting, "rung2_plan", lambda **kw: next(plans))
+    asked, plans = [], iter([(2, 4), (1, 4)])  # a second plan, if asked, would drop mixup 1
+
+    def plan(**kw):
+        asked.append(kw)
+        return next(plans)
+
+    monkeypatch.setattr(fitting, "rung2_plan", plan)
     summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
     cands = summary["candidates"]
     assert [(c["rung"], c["mixup_alpha"]) for c in cands[:2]] == [(1, 0.2), (1, 0.0)]
     best = max(cands[:2], key=lambda c: (c["val"]["balanced_accuracy"], -c["val"]["nll_ts"]))
-    assert [(c["rung"], c["name"]) for c in cands[2:]] == [(2, f"mixup{best['mixup_alpha']:g}-e4")]
-    assert summary["skipped_candidates"] == ["mixup1-e4"]
+    assert [(c["rung"], c["name"]) for c in cands[2:]] == [
+        (2, f"mixup{best['mixup_alpha']:g}-e4"),
+        (2, "mixup1-e4"),
+    ]
+    assert len(asked) == 1 and asked[0]["candidates"] == 3
+    assert summary["skipped_candidates"] == []
     assert "rung 1: mixup1-e2 not trained: the strongest mixup goes straight to rung 2" in text
-    assert "budget: candidate mixup1-e4 skipped (rung 2 has no room for it any more)" in text
-    assert f"rung 2: mixup{best['mixup_alpha']:g}-e4 (best 1 of rung 1;" in text
+    why = "rung 1's best and the strongest mixup, straight from the start"
+    assert f"rung 2: mixup{best['mixup_alpha']:g}-e4, mixup1-e4 ({why};" in text
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])

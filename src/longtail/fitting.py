@@ -468,7 +468,8 @@ def fit(
     # the strongest mixup skips rung 1 when rung 2 has room for it beside rung 1's best:
     # survivors() would send it there whatever its short run measured (search.py, step 2)
     strongest = grid[-1] if len(grid) > 1 and not epochs and grid[-1] == max(grid) else None
-    straight: float | None = None  # the mixup strength that went straight to rung 2
+    # set when it did: rung 2's plan with it, made when rung 1 ended (it is the grid's last)
+    straight: tuple[int, int] | None = None
     for alpha, cfg in rung1.items():
         name = candidate_name(alpha, short)
         if alpha == strongest and done:
@@ -484,7 +485,7 @@ def fit(
                     f"rung 1: {name} not trained: the strongest mixup goes straight to rung 2 "
                     f"(a {short}-epoch run cannot rank it, and rung 2 takes it whatever it scores)"
                 )
-                straight = alpha
+                straight = plan
                 continue
         if done:
             first = done[0].candidate
@@ -520,18 +521,13 @@ def fit(
         c1 = [s.candidate for s in done]
         speed = measured_speed(c1)
         per_epoch, stage2_s = speed["seconds_per_epoch"], speed["stage2_seconds"]
-        plan = rung2_plan(
-            candidates=len(c1) + (straight is not None),
+        plan = straight or rung2_plan(
+            candidates=len(c1),
             short=short,
             **speed,
             seconds_left=deadline - time.perf_counter(),
             refit_ratio=refit_ratio,
         )
-        late = plan is not None and straight is not None and plan[0] >= 2
-        if straight is not None and not late:  # rung 1 took the time it was skipped for
-            name = candidate_name(straight, plan[1] if plan else short)
-            log(f"budget: candidate {name} skipped (rung 2 has no room for it any more)")
-            skipped.append(name)
         if plan is None:
             log(
                 f"budget: no long schedule (measured {per_epoch:.2f} s per epoch, "
@@ -539,11 +535,11 @@ def fit(
             )
         else:
             k, e2 = plan
-            keep = survivors(c1, k - 1 if late else k)
-            alphas = [c.mixup_alpha for c in keep] + ([straight] if late else [])
+            keep = survivors(c1, k - 1 if straight else k)
+            alphas = [c.mixup_alpha for c in keep] + ([strongest] if straight else [])
             log(
                 f"rung 2: {', '.join(candidate_name(a, e2) for a in alphas)} "
-                f"({_rung2_why(keep, c1, late)}; measured {per_epoch:.2f} s per epoch, "
+                f"({_rung2_why(keep, c1, bool(straight))}; measured {per_epoch:.2f} s per epoch, "
                 f"{stage2_s:.0f} s per stage 2)"
             )
             for alpha in alphas:
