@@ -6,7 +6,6 @@ import contextlib
 import gzip
 import pickle
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,20 @@ from longtail.data.datasets import load_cifar, read_idx, read_list_file
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+_SCRATCH: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch(tmp_path_factory):
+    """One folder for the whole module, overwritten by every example (hundreds of examples made a
+    new folder each and left 20,000 of them in /tmp)."""
+    _SCRATCH.append(tmp_path_factory.mktemp("fuzz"))
+    yield
+    _SCRATCH.pop()
+
+
 def _write(data: bytes, name: str) -> Path:
-    d = Path(tempfile.mkdtemp())
-    p = d / name
+    p = _SCRATCH[-1] / name
     p.write_bytes(data)
     return p
 
@@ -96,9 +106,9 @@ PICKLABLE = st.recursive(
 
 
 def _cifar_root(meta: bytes, batch: bytes) -> Path:
-    root = Path(tempfile.mkdtemp())
+    root = _SCRATCH[-1]
     base = root / "cifar-10-batches-py"
-    base.mkdir()
+    base.mkdir(exist_ok=True)
     (base / "batches.meta").write_bytes(meta)
     (base / "test_batch").write_bytes(batch)
     return root
