@@ -60,11 +60,12 @@ from longtail.fit.search import (
     candidate_name,
     choose_candidate,
     measured_speed,
-    prefer_long,
+    overturns,
     ranked,
     rung1_crowds_out_rung2,
     rung2_next_fits,
     rung2_plan,
+    search_default,
     search_table,
     short_epochs,
     survivors,
@@ -305,6 +306,40 @@ def _better(a: _Selection | None, b: _Selection) -> _Selection:
     return win
 
 
+def _choose_recipe(
+    finalists: list[_Selection], done: list[_Selection], seed: int
+) -> tuple[_Selection, str]:
+    """The chosen candidate among ``finalists`` (rung 1's best, then rung 2's; each with its
+    stage 2) and why: the search's default unless the best hold-out score overturns it
+    (:func:`longtail.fit.search.overturns`); every other finalist's stage 2 is freed. ``why``
+    is empty when the hold-out's best is chosen without a default to weigh it against."""
+    top = choose_candidate([s.candidate for s in finalists])
+    default = search_default([s.candidate for s in finalists])
+    pick = next(s for s in finalists if s.candidate is (default or top))
+    why = ""
+    if default is not None:
+        _bootstrap_candidates(done, pick, seed)
+        lead, sd = -100 * top.gap[0], 100 * top.gap[1]
+        if top is default:
+            why = "the default (rung 2's strongest mixup), also the best hold-out score"
+        elif overturns(top):
+            pick = next(s for s in finalists if s.candidate is top)
+            why = (
+                f"the best hold-out score: it leads the default {default.name} (rung 2's "
+                f"strongest mixup) by {lead:.2f} points, more than two bootstrap sds ({sd:.2f})"
+            )
+        else:
+            why = (
+                f"the default (rung 2's strongest mixup): {top.name} leads it by {lead:.2f} "
+                f"points on the hold-out, within two bootstrap sds ({sd:.2f}); the best of "
+                "several noisy scores is biased upwards"
+            )
+    for s in finalists:
+        if s is not pick:
+            s.stage2 = None
+    return pick, why
+
+
 def _bootstrap_candidates(sels: list[_Selection], best: _Selection, seed: int) -> None:
     """Fill each candidate's gap to ``best`` over the hold-out bootstrap."""
     preds = {s.candidate.name: s.chosen.holdout_pred for s in sels}
@@ -463,7 +498,7 @@ def fit(
     done: list[_Selection] = []
     skipped: list[str] = []
     best: _Selection | None = None  # rung 1's best, then the chosen candidate
-    best2: _Selection | None = None  # rung 2's best
+    rung2: list[_Selection] = []  # rung 2 keeps every stage 2 until the choice (two at most)
     refit_ratio = n_all / n_train if pooled else 0.0
     # the strongest mixup skips rung 1 when rung 2 has room for it beside rung 1's best:
     # survivors() would send it there whatever its short run measured (search.py, step 2)
@@ -562,23 +597,8 @@ def fit(
                 run = out / SEARCH / name
                 sel = _run_candidate(config(e2, alpha), run, 2, methods, log, pool_test=pool_test)
                 done.append(sel)
-                best2 = _better(best2, sel)
-    why = ""
-    if best2 is not None:
-        if choose_candidate([best.candidate, best2.candidate]) is best2.candidate:
-            best = _better(best, best2)
-        else:
-            _bootstrap_candidates(done, best, seed)
-            if prefer_long(best.candidate, best2.candidate):
-                gap, sd = best2.candidate.gap
-                why = (
-                    f"rung 2's best: {best.candidate.name} leads it by {100 * gap:.2f} points, "
-                    f"within one bootstrap sd ({100 * sd:.2f}); rung 1's best is the maximum of "
-                    "noisy scores"
-                )
-                best.stage2, best = None, best2
-            else:
-                best2.stage2 = None
+                rung2.append(sel)
+    best, why = _choose_recipe([best, *rung2], done, seed)
     _bootstrap_candidates(done, best, seed)
     candidates = [s.candidate for s in done]
     chosen_recipe = best.candidate
