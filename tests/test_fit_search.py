@@ -436,17 +436,18 @@ def test_search_halves_to_a_long_rung_then_refits_the_winner(tmp_path, capsys, m
     holdout = [c["val_and_test"] for c in cands]
     rung1 = sorted(holdout[:2], key=lambda h: (-round(h["balanced_accuracy"], 9), h["nll_ts"]))
     best = cands[holdout.index(rung1[0])]["mixup_alpha"]
+    # the strongest mixup, the search's default, trains first
     assert [(c["rung"], c["epochs"], c["mixup_alpha"]) for c in cands[2:]] == [
-        (2, 8, best),
         (2, 8, 1.0),
+        (2, 8, best),
     ]
-    why = "rung 1's best and the strongest mixup, straight from the start"
-    assert f"rung 2: mixup{best:g}-e8, mixup1-e8 ({why}" in text
+    why = "the strongest mixup, straight from the start, and rung 1's best; default first"
+    assert f"rung 2: mixup1-e8, mixup{best:g}-e8 ({why}" in text
     assert summary["skipped_candidates"] == []
     # the default, mixup 1 at rung 2, unless the hold-out's best leads it by more than two sd
     chosen = next(c for c in cands if c["name"] == summary["recipe"])
     assert chosen["gap_to_best"] == {"gap": 0.0, "std": 0.0}
-    default = cands[3]
+    default = cands[2]
     top = max(holdout, key=lambda h: h["balanced_accuracy"])["balanced_accuracy"]
     if chosen is default:
         for c in cands:  # nothing leads it by more than two sd (gap = default - c)
@@ -557,11 +558,12 @@ def test_rung1_gives_way_to_a_long_schedule_with_the_speed_it_measured(
 
     monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", crowded)
     summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
-    # mixup 1 is not a rung-1 candidate: rung 2 (room for two here) takes it beside the best
+    # mixup 1 is not a rung-1 candidate: rung 2 (room for two here) takes it, the search's
+    # default, first, then rung 1's best
     assert [(c["name"], c["rung"]) for c in summary["candidates"]] == [
         ("mixup0.2-e2", 1),
-        ("mixup0.2-e4", 2),
         ("mixup1-e4", 2),
+        ("mixup0.2-e4", 2),
     ]
     assert summary["skipped_candidates"] == ["mixup0-e2"]
     assert "budget: candidate mixup0-e2 skipped (with it, no long schedule" in text
@@ -597,15 +599,17 @@ def test_rung2_measures_its_own_speed_before_each_further_candidate(tmp_path, ca
     rung1 = sorted(
         cands[:2], key=lambda c: (-round(c["val"]["balanced_accuracy"], 9), c["val"]["nll_ts"])
     )
-    assert first["mixup_alpha"] == rung1[0]["mixup_alpha"]  # the best of rung 1 goes first
-    # the strongest mixup, straight from the start, is the one the measured speed rules out
-    assert summary["skipped_candidates"] == ["mixup1-e4"]
-    assert "budget: candidate mixup1-e4 skipped (rung 2 ran at" in text
+    # the search's default (the strongest mixup) goes first, so the measured speed rules out
+    # rung 1's best, the challenger; the default is what the fit then deploys
+    assert first["name"] == "mixup1-e4"
+    skipped = f"mixup{rung1[0]['mixup_alpha']:g}-e4"
+    assert summary["skipped_candidates"] == [skipped]
+    assert f"budget: candidate {skipped} skipped (rung 2 ran at" in text
     assert len(asked) == 1 and asked[0]["refit_ratio"] == 0.0  # --no-refit
     assert asked[0]["candidate_seconds"] == pytest.approx(first["seconds"])
     assert asked[0]["candidate_stage1_seconds"] == pytest.approx(first["stage1_seconds"])
     assert asked[0]["budget_seconds"] == 3600.0 and 0 < asked[0]["seconds_left"] < 3600
-    assert summary["recipe"] in {c["name"] for c in cands}
+    assert summary["recipe"] == "mixup1-e4" or summary["recipe_why"].startswith("the best hold")
 
 
 @pytest.mark.fashion_mnist
@@ -631,14 +635,14 @@ def test_the_plan_that_sends_the_strongest_mixup_straight_to_rung_2_is_the_one_i
     assert [(c["rung"], c["mixup_alpha"]) for c in cands[:2]] == [(1, 0.2), (1, 0.0)]
     best = max(cands[:2], key=lambda c: (c["val"]["balanced_accuracy"], -c["val"]["nll_ts"]))
     assert [(c["rung"], c["name"]) for c in cands[2:]] == [
-        (2, f"mixup{best['mixup_alpha']:g}-e4"),
         (2, "mixup1-e4"),
+        (2, f"mixup{best['mixup_alpha']:g}-e4"),
     ]
     assert len(asked) == 1 and asked[0]["candidates"] == 3
     assert summary["skipped_candidates"] == []
     assert "rung 1: mixup1-e2 not trained: the strongest mixup goes straight to rung 2" in text
-    why = "rung 1's best and the strongest mixup, straight from the start"
-    assert f"rung 2: mixup{best['mixup_alpha']:g}-e4, mixup1-e4 ({why};" in text
+    why = "the strongest mixup, straight from the start, and rung 1's best; default first"
+    assert f"rung 2: mixup1-e4, mixup{best['mixup_alpha']:g}-e4 ({why};" in text
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])

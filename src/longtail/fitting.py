@@ -289,12 +289,13 @@ def _run_candidate(
 
 def _rung2_why(keep: list[Candidate], rung1: list[Candidate], straight: bool = False) -> str:
     """How :func:`survivors` picked ``keep`` from ``rung1`` (``straight``: and the strongest
-    mixup, which skipped rung 1, takes the last place), for the log."""
+    mixup, which skipped rung 1, takes the other place), for the log; rung 2 trains the
+    strongest mixup, the search's default, first."""
     if straight:
-        return "rung 1's best and the strongest mixup, straight from the start"
+        return "the strongest mixup, straight from the start, and rung 1's best; default first"
     if [c.name for c in keep] == [c.name for c in ranked(rung1)[: len(keep)]]:
-        return f"best {len(keep)} of rung 1"
-    return "rung 1's best and the strongest mixup, which a short schedule cannot rank"
+        return f"best {len(keep)} of rung 1, the strongest mixup first"
+    return "the strongest mixup, which a short schedule cannot rank, and rung 1's best"
 
 
 def _better(a: _Selection | None, b: _Selection) -> _Selection:
@@ -572,6 +573,10 @@ def fit(
             k, e2 = plan
             keep = survivors(c1, k - 1 if straight else k)
             alphas = [c.mixup_alpha for c in keep] + ([strongest] if straight else [])
+            # the search's default (the strongest mixup) first: when the machine slows and the
+            # budget guard skips rung 2's second run, it skips a challenger, not the default
+            top_alpha = max(alphas)
+            alphas.sort(key=lambda a: a != top_alpha)
             log(
                 f"rung 2: {', '.join(candidate_name(a, e2) for a in alphas)} "
                 f"({_rung2_why(keep, c1, bool(straight))}; measured {per_epoch:.2f} s per epoch, "
