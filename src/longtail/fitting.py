@@ -294,7 +294,7 @@ def _rung2_why(keep: list[Candidate], rung1: list[Candidate], straight: bool = F
     if straight:
         return "the strongest mixup, straight from the start, and rung 1's best; default first"
     if [c.name for c in keep] == [c.name for c in ranked(rung1)[: len(keep)]]:
-        return f"best {len(keep)} of rung 1, the strongest mixup first"
+        return f"best {len(keep)} of rung 1" + (", the strongest mixup first" if keep[1:] else "")
     return "the strongest mixup, which a short schedule cannot rank, and rung 1's best"
 
 
