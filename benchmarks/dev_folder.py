@@ -20,21 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fit_folder import CLASSES, _write_pngs
+from fit_folder import CLASSES, _write_pngs, train_indices
 from longtail.data.datasets import load_fashion_mnist
-from longtail.data.longtail import longtail_counts
 
 
 def used_by(labels: np.ndarray, folders: list[tuple[int, float, list[int]]]) -> np.ndarray:
     """``(N,)`` bool: which training images (``labels`` ``(N,)``) the benchmark's folders hold,
-    each ``(n_max, imbalance, seeds)`` drawn as ``fit_folder.build_folders`` draws it."""
+    each ``(n_max, imbalance, seeds)`` drawn by ``fit_folder.train_indices``."""
     used = np.zeros(len(labels), bool)
     for n_max, imbalance, seeds in folders:
-        counts = longtail_counts(n_max, len(CLASSES), imbalance)
         for s in seeds:
-            rng = np.random.default_rng(s)
-            for c, n in enumerate(counts):
-                used[rng.permutation(np.flatnonzero(labels == c))[:n]] = True
+            used[train_indices(labels, n_max=n_max, imbalance=imbalance, seed=s)] = True
     return used
 
 

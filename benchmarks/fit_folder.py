@@ -68,6 +68,16 @@ def _write_pngs(images: np.ndarray, labels: np.ndarray, root: Path) -> None:
     tmp.rename(root)
 
 
+def train_indices(labels: np.ndarray, *, n_max: int, imbalance: float, seed: int) -> np.ndarray:
+    """Indices into the training set (``labels`` ``(N,)``) of ``seed``'s long-tailed subset:
+    ``longtail_counts(n_max, 10, imbalance)`` images per class, drawn with ``seed``."""
+    counts = longtail_counts(n_max, len(CLASSES), imbalance)
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in enumerate(counts)]
+    )
+
+
 def build_folders(work: Path, *, n_max: int, imbalance: float, seed: int, test_per_class: int):
     """The long-tailed train folder for ``seed`` and the shared balanced test folder."""
     train_dir = work / f"train-seed{seed}"
@@ -80,11 +90,7 @@ def build_folders(work: Path, *, n_max: int, imbalance: float, seed: int, test_p
     if not train_dir.exists():
         tr = load_fashion_mnist(None, "train")
         x, y = tr.images.squeeze(1).numpy(), np.asarray(tr.labels)
-        counts = longtail_counts(n_max, len(CLASSES), imbalance)
-        rng = np.random.default_rng(seed)
-        idx = np.concatenate(
-            [rng.permutation(np.flatnonzero(y == c))[:n] for c, n in enumerate(counts)]
-        )
+        idx = train_indices(y, n_max=n_max, imbalance=imbalance, seed=seed)
         _write_pngs(x[idx], y[idx], train_dir)
     return train_dir, test_dir
 

@@ -34,7 +34,7 @@ import torch
 
 from fit_folder import CLASSES, raw_logits, score_probabilities, scoring_args
 from longtail.fit.bundle import DeployedClassifier, load_bundle, members
-from longtail.fit.search import Candidate, overturns, search_default
+from longtail.fit.search import Candidate, choose_candidate, overturns, search_default
 from longtail.models.registry import build_model
 
 
@@ -81,8 +81,12 @@ def replay(fit: dict) -> dict | None:
     (fractions)."""
     rows = fit["candidates"]
     as_cand = {
-        r["name"]: Candidate(
-            r["name"], r.get("mixup_alpha", float(r["name"][5:].split("-e")[0])), 0, r["rung"]
+        r["name"]: Candidate(  # name: mixup<alpha>-e<epochs> (older JSON has no mixup_alpha)
+            r["name"],
+            r.get("mixup_alpha", float(r["name"][5:].split("-e")[0])),
+            int(r["name"].split("-e")[1]),
+            r["rung"],
+            val={"balanced_accuracy": r["holdout"]},
         )
         for r in rows
     }
@@ -90,7 +94,7 @@ def replay(fit: dict) -> dict | None:
     if default is None:
         return None
     by = {r["name"]: r for r in rows}
-    top = min(rows, key=lambda r: (-round(r["holdout"], 9), int(r["name"].split("-e")[1])))
+    top = by[choose_candidate(list(as_cand.values())).name]
     d, chosen = by[default.name], by[fit["chosen"]]
     lead = sd = None
     if chosen is d:  # gaps are to the chosen: chosen - top

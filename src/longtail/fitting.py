@@ -313,18 +313,20 @@ def _choose_recipe(
     """The chosen candidate among ``finalists`` (rung 1's best, then rung 2's; each with its
     stage 2) and why: the search's default unless the best hold-out score overturns it
     (:func:`longtail.fit.search.overturns`); every other finalist's stage 2 is freed. ``why``
-    is empty when the hold-out's best is chosen without a default to weigh it against."""
+    is empty when the hold-out's best is chosen without a default to weigh it against. On
+    return every candidate of ``done`` holds its gap to the pick (:func:`_bootstrap_candidates`)."""
     top = choose_candidate([s.candidate for s in finalists])
     default = search_default([s.candidate for s in finalists])
     pick = next(s for s in finalists if s.candidate is (default or top))
+    _bootstrap_candidates(done, pick, seed)
     why = ""
     if default is not None:
-        _bootstrap_candidates(done, pick, seed)
         lead, sd = -100 * top.gap[0], 100 * top.gap[1]
         if top is default:
             why = "the default (rung 2's strongest mixup), also the best hold-out score"
         elif overturns(top):
             pick = next(s for s in finalists if s.candidate is top)
+            _bootstrap_candidates(done, pick, seed)  # the table's gaps are to the pick
             why = (
                 f"the best hold-out score: it leads the default {default.name} (rung 2's "
                 f"strongest mixup) by {lead:.2f} points, more than two bootstrap sds ({sd:.2f})"
@@ -604,7 +606,6 @@ def fit(
                 done.append(sel)
                 rung2.append(sel)
     best, why = _choose_recipe([best, *rung2], done, seed)
-    _bootstrap_candidates(done, best, seed)
     candidates = [s.candidate for s in done]
     chosen_recipe = best.candidate
     log(search_table(candidates, chosen_recipe.name, why))
