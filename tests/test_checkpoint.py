@@ -10,7 +10,12 @@ import re
 import pytest
 import torch
 
-from longtail.core.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from longtail.core.checkpoint import (
+    delete_checkpoints,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from longtail.core.errors import LongtailError
 from longtail.core.io import atomic_torch_save, atomic_write_bytes, verified_load
 from longtail.core.rundir import RunDir
@@ -87,6 +92,25 @@ def test_save_checkpoint_keeps_newest_two(tmp_path):
         "ckpt-0010-0000003.pt.sha256",
     ]
     assert_state_equal(load_latest_checkpoint(tmp_path), 10)
+
+
+def test_delete_checkpoints_only_of_a_finished_run(tmp_path):
+    rd = RunDir(tmp_path)
+    for epoch in (1, 2):
+        save_checkpoint(state(epoch), tmp_path, epoch, 0)
+    atomic_torch_save(state(0), rd.branch_path)
+    atomic_torch_save(state(2), rd.model_path("final"))
+    # not finished (no stage1.json): a resume continues from these, so they stay
+    with pytest.raises(LongtailError, match="has not finished stage 1"):
+        delete_checkpoints(tmp_path)
+    assert len(list_checkpoints(tmp_path)) == 2
+    rd.stage1_path.write_text('{"final": {}}')
+    final = rd.model_path("final").name
+    kept = {final, f"{final}.sha256", rd.stage1_path.name}  # the model keeps its checksum
+    sizes = sum(p.stat().st_size for p in tmp_path.iterdir() if p.name not in kept)
+    assert delete_checkpoints(tmp_path) == sizes > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert rd.finished and delete_checkpoints(tmp_path) == 0
 
 
 def test_list_checkpoints_orders_by_epoch_then_step(tmp_path):

@@ -44,6 +44,7 @@ from longtail.classify import registry
 from longtail.classify.heads import head_spec
 from longtail.classify.run import Stage2
 from longtail.config import load_config
+from longtail.core.checkpoint import delete_checkpoints
 from longtail.core.errors import LongtailError
 from longtail.core.io import atomic_write_json
 from longtail.core.runtime import world_size_from_env
@@ -230,6 +231,15 @@ def _deployable_methods(overrides: list[str]) -> list[str] | None:
     return [m for m in registry.available() if registry.get(m).deployable]
 
 
+def _stage1(cfg: DictConfig, run_dir: Path) -> None:
+    """Stage 1 of a candidate or of the re-fit in ``run_dir``, then its training checkpoints
+    deleted (``fit`` never resumes a run it finished; a ResNet-32 run's two are 26-66 MB)."""
+    stage1 = Stage1(cfg, run_dir)
+    stage1.fit()
+    if stage1.rt.is_main:
+        delete_checkpoints(run_dir)
+
+
 def _run_candidate(
     cfg: DictConfig,
     run_dir: Path,
@@ -247,7 +257,7 @@ def _run_candidate(
         f"{cfg.loss.mixup_alpha:g} -> {run_dir}"
     )
     t0 = time.perf_counter()
-    Stage1(cfg, run_dir).fit()
+    _stage1(cfg, run_dir)
     t1 = time.perf_counter()
     s2 = Stage2(run_dir, log=log)
     results = s2.run(methods)
@@ -289,8 +299,13 @@ def _run_candidate(
 
 def _rung2_why(keep: list[Candidate], rung1: list[Candidate], straight: bool = False) -> str:
     """How :func:`survivors` picked ``keep`` from ``rung1`` (``straight``: and the strongest
-    mixup, which skipped rung 1, takes the other place), for the log; rung 2 trains the
+    mixup, which skipped rung 1, takes the first place), for the log; rung 2 trains the
     strongest mixup, the search's default, first."""
+    if straight and not keep:
+        return (
+            "the strongest mixup, straight from the start, alone: a second run would cost it "
+            "epochs; rung 1's best challenges it from the short schedule"
+        )
     if straight:
         return "the strongest mixup, straight from the start, and rung 1's best; default first"
     if [c.name for c in keep] == [c.name for c in ranked(rung1)[: len(keep)]]:
@@ -503,7 +518,7 @@ def fit(
     best: _Selection | None = None  # rung 1's best, then the chosen candidate
     rung2: list[_Selection] = []  # rung 2 keeps every stage 2 until the choice (two at most)
     refit_ratio = n_all / n_train if pooled else 0.0
-    # the strongest mixup skips rung 1 when rung 2 has room for it beside rung 1's best:
+    # the strongest mixup skips rung 1 when a rung 2 fits:
     # survivors() would send it there whatever its short run measured (search.py, step 2)
     strongest = grid[-1] if len(grid) > 1 and not epochs and grid[-1] == max(grid) else None
     # set when it did: rung 2's plan with it, made when rung 1 ended (it is the grid's last)
@@ -518,7 +533,7 @@ def fit(
                 seconds_left=deadline - time.perf_counter(),
                 refit_ratio=refit_ratio,
             )
-            if plan is not None and plan[0] >= 2:
+            if plan is not None:
                 log(
                     f"rung 1: {name} not trained: the strongest mixup goes straight to rung 2 "
                     f"(a {short}-epoch run cannot rank it, and rung 2 takes it whatever it scores)"
@@ -654,7 +669,7 @@ def fit(
             # a second initialisation: the members then differ by more than the re-fit's
             # extra images (Fort et al. 2019: initialisation is an ensemble's main diversity)
             cfg.seed = int(cfg.seed) + ENSEMBLE_SEED_OFFSET
-        Stage1(cfg, run_dir).fit()
+        _stage1(cfg, run_dir)
         s2 = Stage2(run_dir, overrides=pins, log=log)
         s2.run([chosen.name])
         model, head = s2.model, s2.heads[chosen.name]
