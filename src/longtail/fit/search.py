@@ -11,13 +11,13 @@ Successive halving within a time budget (:class:`SearchPlan`):
    20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2; a
    candidate that would leave no room for rung 2 is skipped when rung 2 fits without it
    (:func:`rung1_crowds_out_rung2`: on a slow CPU the schedule length is worth more than
-   another mixup strength). The strongest mixup (the grid's last) skips rung 1 when a rung 2
-   fits: step 2 would send it there whatever its short run scored, so that run would only
-   take time from the long schedule;
-2. **rung 2**, the long schedule ``E2``, trains the strongest mixup (the search's default)
-   alone, and with it rung 1's best only when the budget gives both the same capped schedule
-   (:func:`rung2_plan`; :func:`survivors` when the strongest mixup ran in rung 1). ``E2`` is
-   sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
+   another mixup strength). The strongest mixup (the grid's last) skips rung 1 when rung 2
+   has room for two survivors: step 2 would send it there whatever its short run scored, so
+   that run would only take time from the long schedule;
+2. the :data:`SURVIVORS` best by hold-out score, the strongest mixup in the last place
+   (:func:`survivors`: a short schedule cannot rank it; fewer when only fewer fit,
+   :func:`rung2_plan`) go on to **rung 2**, the long schedule
+   ``E2``, sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
    stage 2) so that rung 2 and the final re-fit on every labelled image fit in what is left of
    the budget; at most ``8 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
 3. the search's default, rung 2's strongest mixup (:func:`search_default`), is chosen unless
@@ -103,37 +103,30 @@ def rung2_plan(
 ) -> tuple[int, int] | None:
     """How many rung-1 candidates go on to rung 2, and for how many epochs, or ``None``.
 
-    The longest schedule one survivor can train (:func:`long_epochs`), with as many survivors
-    (at most :data:`SURVIVORS`, at most ``candidates``) as still train that same schedule: a
-    second rung-2 run is trained only when it costs the first no epochs (both at the ``8 E1``
-    cap). Why: with the search's default kept unless overturned by more than two sds
-    (:func:`overturns`), the second run was the better network on a development folder of
-    unused training images on 1 of 17 benchmark fits (by 0.27 points) and never overturned the
-    default, while its seconds cost the default about a third of its epochs, and the default's
-    epochs are what its accuracy followed (docs/RESULTS.md, "One long run").
+    The most survivors (at most :data:`SURVIVORS`, at most ``candidates``) for which
+    :func:`long_epochs` still fits a long schedule; fewer survivors buy longer epochs when the
+    budget is tight.
 
     Args:
-        candidates: rung-1 candidates trained so far, counting the strongest mixup when it
-            goes straight to rung 2.
+        candidates: rung-1 candidates trained so far.
         short, seconds_per_epoch, stage2_seconds, seconds_left, refit_ratio: as in
             :func:`long_epochs` (seconds of wall time, epochs).
 
     Returns:
         ``(survivors, E2)``, or ``None`` when not even one survivor's long schedule fits.
     """
-    speed = dict(
-        short=short,
-        seconds_per_epoch=seconds_per_epoch,
-        stage2_seconds=stage2_seconds,
-        seconds_left=seconds_left,
-        refit_ratio=refit_ratio,
-    )
-    e2 = long_epochs(survivors=1, **speed) if candidates >= 1 else None
-    if e2 is None:
-        return None
-    most = min(SURVIVORS, candidates)
-    k = max(k for k in range(1, most + 1) if long_epochs(survivors=k, **speed) == e2)
-    return k, e2
+    for k in range(min(SURVIVORS, candidates), 0, -1):
+        e2 = long_epochs(
+            short=short,
+            seconds_per_epoch=seconds_per_epoch,
+            stage2_seconds=stage2_seconds,
+            seconds_left=seconds_left,
+            survivors=k,
+            refit_ratio=refit_ratio,
+        )
+        if e2 is not None:
+            return k, e2
+    return None
 
 
 def rung2_next_fits(
