@@ -29,9 +29,18 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, epoch: int, step: i
     path = RunDir(run_dir).checkpoint_path(epoch, step)
     atomic_torch_save(state, path)
     for old in list_checkpoints(run_dir)[:-KEEP]:
-        old.unlink(missing_ok=True)
-        Path(f"{old}.sha256").unlink(missing_ok=True)
+        _remove_with_digest(old)
     return path
+
+
+def _remove_with_digest(path: Path) -> int:
+    """Delete ``path`` and the ``<path>.sha256`` beside it when there; returns the bytes freed."""
+    freed = 0
+    for f in (path, Path(f"{path}.sha256")):
+        if f.is_file():
+            freed += f.stat().st_size
+        f.unlink(missing_ok=True)
+    return freed
 
 
 def delete_checkpoints(run_dir: str | os.PathLike) -> int:
@@ -48,13 +57,7 @@ def delete_checkpoints(run_dir: str | os.PathLike) -> int:
             f"{rundir.path} has not finished stage 1: its checkpoints are what a resume "
             "continues from, so they are kept"
         )
-    freed = 0
-    for p in [*rundir.checkpoints(), rundir.branch_path]:
-        for f in (p, Path(f"{p}.sha256")):
-            if f.is_file():
-                freed += f.stat().st_size
-                f.unlink()
-    return freed
+    return sum(_remove_with_digest(p) for p in [*rundir.checkpoints(), rundir.branch_path])
 
 
 def load_latest_checkpoint(
