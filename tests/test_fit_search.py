@@ -71,18 +71,38 @@ def test_long_schedule_fills_what_is_left_and_no_more():
     assert long_epochs(seconds_left=float("inf"), refit_ratio=0.0, **kw) is None
 
 
-def test_rung2_keeps_fewer_survivors_before_it_gives_up_the_long_schedule():
+def test_long_schedule_stops_at_the_published_200_epochs():
+    # the IF 100 benchmark folder: 740 search images, E1 = ceil(40,000 / 740) = 55, so 8 E1 =
+    # 440 would let one run take 250 epochs; 200 is the cap (the published stage-1 length)
+    kw = dict(short=55, seconds_per_epoch=0.8, stage2_seconds=15.0, refit_ratio=1.2)
+    # one survivor: (600 - 30) / (0.8 x 2.2) = 323 epochs fit, 200 train
+    assert long_epochs(seconds_left=600.0, survivors=1, **kw) == search.LONG_MAX == 200
+    # below the cap the budget decides as before: (300 - 30) / 1.76 = 153
+    assert long_epochs(seconds_left=300.0, survivors=1, **kw) == 153
+    # two survivors would get (600 - 45) / (0.8 x 3.2) = 216, capped at 200 too: the second
+    # run costs the first no epochs, so both train
+    assert rung2_plan(candidates=3, seconds_left=600.0, **kw) == (2, 200)
+    # with less time one run keeps its 200 where two would get (500 - 45) / 2.56 = 177
+    assert rung2_plan(candidates=3, seconds_left=500.0, **kw) == (1, 200)
+
+
+def test_rung2_trains_a_second_run_only_when_it_costs_the_first_no_epochs():
     # the Ice Lake Xeon of docs/RESULTS.md at IF 50: 6.2 s per epoch, 35 s per stage 2,
     # E1 = 20, re-fit on 4/3 of the images
     kw = dict(short=20, seconds_per_epoch=6.2, stage2_seconds=35.0, refit_ratio=4 / 3)
-    # 600 s: two survivors get (600 - 105) / (6.2 x 10/3) = 23 < 30 epochs; one gets
-    # (600 - 70) / (6.2 x 7/3) = 36
+    # 600 s: one survivor gets (600 - 70) / (6.2 x 7/3) = 36 epochs (two would get 23 < 30)
     assert rung2_plan(candidates=3, seconds_left=600.0, **kw) == (1, 36)
-    # 900 s: two survivors fit (900 - 105) / 20.67 = 38 epochs each
-    assert rung2_plan(candidates=3, seconds_left=900.0, **kw) == (2, 38)
+    # 900 s: one survivor gets (900 - 70) / 14.47 = 57; two would get (900 - 105) / 20.67 =
+    # 38 each: the second run would cost the default 19 epochs, so it does not train
+    assert rung2_plan(candidates=3, seconds_left=900.0, **kw) == (1, 57)
+    # 3,000 s: one survivor reaches the cap of 8 x 20 (202 fit), two would get 140: still one
+    assert rung2_plan(candidates=3, seconds_left=3000.0, **kw) == (1, 160)
+    # 3,600 s: two survivors get (3600 - 105) / 20.67 = 169, capped at 160 like the first
+    assert rung2_plan(candidates=3, seconds_left=3600.0, **kw) == (2, 160)
     # never more survivors than candidates
-    assert rung2_plan(candidates=1, seconds_left=900.0, **kw) == (1, 57)
+    assert rung2_plan(candidates=1, seconds_left=3600.0, **kw) == (1, 160)
     assert rung2_plan(candidates=3, seconds_left=200.0, **kw) is None
+    assert rung2_plan(candidates=0, seconds_left=3600.0, **kw) is None
 
 
 def test_rung1_stops_only_when_its_next_candidate_would_rule_out_rung_2():
@@ -646,6 +666,36 @@ def test_the_plan_that_sends_the_strongest_mixup_straight_to_rung_2_is_the_one_i
     assert "rung 1: mixup1-e2 not trained: the strongest mixup goes straight to rung 2" in text
     why = "the strongest mixup, straight from the start, and rung 1's best; default first"
     assert f"rung 2: mixup1-e4, mixup{best['mixup_alpha']:g}-e4 ({why};" in text
+
+
+@pytest.mark.fashion_mnist
+def test_a_long_run_alone_when_a_second_would_cost_it_epochs(tmp_path, capsys, monkeypatch):
+    """With a plan of one place in rung 2, mixup 1 still skips rung 1 and trains the long
+    schedule alone; rung 1's candidates challenge it from the short schedule, and the fit
+    deploys it unless one of them leads it by more than two bootstrap sds."""
+    from longtail import fitting
+
+    monkeypatch.setattr(search, "LONG_FACTOR", 2)
+    monkeypatch.setattr(fitting, "rung1_crowds_out_rung2", lambda **kw: False)
+    monkeypatch.setattr(fitting, "rung2_plan", lambda **kw: (1, 4))
+    summary, text = _two_epoch_search(tmp_path, capsys, monkeypatch, "60")
+    cands = summary["candidates"]
+    assert [(c["rung"], c["name"]) for c in cands] == [
+        (1, "mixup0.2-e2"),
+        (1, "mixup0-e2"),
+        (2, "mixup1-e4"),
+    ]
+    assert summary["skipped_candidates"] == []
+    assert "rung 1: mixup1-e2 not trained: the strongest mixup goes straight to rung 2" in text
+    assert "rung 2: mixup1-e4 (the strongest mixup, straight from the start, alone:" in text
+    default = cands[2]
+    if summary["recipe"] == "mixup1-e4":
+        assert summary["recipe_why"].startswith("the default (rung 2's strongest mixup)")
+        for c in cands[:2]:  # gap = default - c: no lead beyond two sds
+            assert -c["gap_to_best"]["gap"] <= 2 * c["gap_to_best"]["std"]
+    else:
+        assert default["gap_to_best"]["gap"] > 2 * default["gap_to_best"]["std"]
+        assert summary["recipe_why"].startswith("the best hold-out score: it leads the default")
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan"])

@@ -299,8 +299,13 @@ def _run_candidate(
 
 def _rung2_why(keep: list[Candidate], rung1: list[Candidate], straight: bool = False) -> str:
     """How :func:`survivors` picked ``keep`` from ``rung1`` (``straight``: and the strongest
-    mixup, which skipped rung 1, takes the other place), for the log; rung 2 trains the
+    mixup, which skipped rung 1, takes the first place), for the log; rung 2 trains the
     strongest mixup, the search's default, first."""
+    if straight and not keep:
+        return (
+            "the strongest mixup, straight from the start, alone: a second run would cost it "
+            "epochs; rung 1's best challenges it from the short schedule"
+        )
     if straight:
         return "the strongest mixup, straight from the start, and rung 1's best; default first"
     if [c.name for c in keep] == [c.name for c in ranked(rung1)[: len(keep)]]:
@@ -513,7 +518,7 @@ def fit(
     best: _Selection | None = None  # rung 1's best, then the chosen candidate
     rung2: list[_Selection] = []  # rung 2 keeps every stage 2 until the choice (two at most)
     refit_ratio = n_all / n_train if pooled else 0.0
-    # the strongest mixup skips rung 1 when rung 2 has room for it beside rung 1's best:
+    # the strongest mixup skips rung 1 when a rung 2 fits:
     # survivors() would send it there whatever its short run measured (search.py, step 2)
     strongest = grid[-1] if len(grid) > 1 and not epochs and grid[-1] == max(grid) else None
     # set when it did: rung 2's plan with it, made when rung 1 ended (it is the grid's last)
@@ -528,7 +533,7 @@ def fit(
                 seconds_left=deadline - time.perf_counter(),
                 refit_ratio=refit_ratio,
             )
-            if plan is not None and plan[0] >= 2:
+            if plan is not None:
                 log(
                     f"rung 1: {name} not trained: the strongest mixup goes straight to rung 2 "
                     f"(a {short}-epoch run cannot rank it, and rung 2 takes it whatever it scores)"

@@ -11,15 +11,16 @@ Successive halving within a time budget (:class:`SearchPlan`):
    20, 100)`` epochs for ``N`` training images (about 40k images seen), then stage 2; a
    candidate that would leave no room for rung 2 is skipped when rung 2 fits without it
    (:func:`rung1_crowds_out_rung2`: on a slow CPU the schedule length is worth more than
-   another mixup strength). The strongest mixup (the grid's last) skips rung 1 when rung 2
-   has room for two survivors: step 2 would send it there whatever its short run scored, so
-   that run would only take time from the long schedule;
-2. the :data:`SURVIVORS` best by hold-out score, the strongest mixup in the last place
-   (:func:`survivors`: a short schedule cannot rank it; fewer when only fewer fit,
-   :func:`rung2_plan`) go on to **rung 2**, the long schedule
-   ``E2``, sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
+   another mixup strength). The strongest mixup (the grid's last) skips rung 1 when a rung 2
+   fits: step 2 would send it there whatever its short run scored, so that run would only
+   take time from the long schedule;
+2. **rung 2**, the long schedule ``E2``, trains the strongest mixup (the search's default)
+   alone, and with it rung 1's best only when the budget gives both the same capped schedule
+   (:func:`rung2_plan`; :func:`survivors` when the strongest mixup ran in rung 1). ``E2`` is
+   sized from what rung 1 *measured* on this machine (seconds per epoch, seconds of
    stage 2) so that rung 2 and the final re-fit on every labelled image fit in what is left of
-   the budget; at most ``8 E1`` epochs; no rung 2 when fewer than ``1.5 E1`` epochs fit;
+   the budget; at most ``8 E1`` and at most 200 epochs; no rung 2 when fewer than ``1.5 E1``
+   epochs fit;
 3. the search's default, rung 2's strongest mixup (:func:`search_default`), is chosen unless
    the candidate with the best hold-out score leads it by more than two bootstrap sds of
    their gap (:func:`overturns`): the best of three or four noisy scores is biased upwards,
@@ -47,6 +48,7 @@ SURVIVORS = 2
 SHORT_IMAGES = 40_000  # rung 1 sees about this many images
 SHORT_MIN, SHORT_MAX = 20, 100  # rung 1's epochs at least / at most
 LONG_FACTOR = 8  # rung 2 trains at most this many times rung 1's epochs (docs/METHODS.md: why)
+LONG_MAX = 200  # and at most this many epochs: the published stage-1 length (long_epochs: why)
 MIN_GAIN_FACTOR = 1.5  # no rung 2 unless it can train this many times rung 1's epochs
 OVERRUN = 0.05  # a rung-2 candidate is skipped when the fit would end this fraction past the budget
 OVERTURN_SD = 2.0  # the hold-out's best replaces the search's default only by more (overturns)
@@ -80,7 +82,16 @@ def long_epochs(
     Returns:
         ``E2 = floor((seconds_left - R stage2_seconds) / (seconds_per_epoch (survivors +
         refit_ratio)))`` with ``R = survivors + 1`` stage-2 runs (``survivors`` without a
-        re-fit), capped at ``8 E1``; ``None`` when ``E2 < 1.5 E1`` or the budget is not finite.
+        re-fit), capped at ``8 E1`` and at :data:`LONG_MAX` (200) epochs; ``None`` when
+        ``E2 < 1.5 E1`` or the budget is not finite.
+
+    Why 200 epochs at most: it is the stage-1 length of the published decoupled recipes on
+    CIFAR-LT, whose folders are the size ``fit`` is for (Kang et al. 2020; MiSLAS trains mixup
+    1 for 200; ../shared/docs/METHOD.md). Past it a small folder is re-seen so often that its
+    training set is memorised, where re-trained heads lose (docs/RESULTS.md, issue 18). On the
+    IF 100 benchmark folder (895 images) one rung-2 run of 213-264 epochs lost 2.8 points of
+    re-fit accuracy on the mean of three seeds to two runs of 168-193; at IF 50 (2,795 images)
+    106-118 epochs gained on 70-77 (docs/RESULTS.md, "One long run, not adopted").
     """
     if not math.isfinite(seconds_left):
         return None
@@ -88,7 +99,7 @@ def long_epochs(
     room = seconds_left - (survivors + (1 if refit_ratio else 0)) * stage2_seconds
     if runs <= 0 or seconds_per_epoch <= 0 or room <= 0:
         return None
-    e2 = min(int(room / (seconds_per_epoch * runs)), LONG_FACTOR * short)
+    e2 = min(int(room / (seconds_per_epoch * runs)), LONG_FACTOR * short, LONG_MAX)
     return e2 if e2 >= MIN_GAIN_FACTOR * short else None
 
 
@@ -103,30 +114,37 @@ def rung2_plan(
 ) -> tuple[int, int] | None:
     """How many rung-1 candidates go on to rung 2, and for how many epochs, or ``None``.
 
-    The most survivors (at most :data:`SURVIVORS`, at most ``candidates``) for which
-    :func:`long_epochs` still fits a long schedule; fewer survivors buy longer epochs when the
-    budget is tight.
+    The longest schedule one survivor can train (:func:`long_epochs`), with as many survivors
+    (at most :data:`SURVIVORS`, at most ``candidates``) as still train that same schedule: a
+    second rung-2 run is trained only when it costs the first no epochs (both at the cap,
+    ``min(8 E1, 200)``). Why: with the search's default kept unless overturned by more than two sds
+    (:func:`overturns`), the second run was the better network on a development folder of
+    unused training images on 1 of 17 benchmark fits (by 0.27 points) and never overturned the
+    default, while its seconds cost the default about a third of its epochs, and the default's
+    epochs are what its accuracy followed (docs/RESULTS.md, "One long run").
 
     Args:
-        candidates: rung-1 candidates trained so far.
+        candidates: rung-1 candidates trained so far, counting the strongest mixup when it
+            goes straight to rung 2.
         short, seconds_per_epoch, stage2_seconds, seconds_left, refit_ratio: as in
             :func:`long_epochs` (seconds of wall time, epochs).
 
     Returns:
         ``(survivors, E2)``, or ``None`` when not even one survivor's long schedule fits.
     """
-    for k in range(min(SURVIVORS, candidates), 0, -1):
-        e2 = long_epochs(
-            short=short,
-            seconds_per_epoch=seconds_per_epoch,
-            stage2_seconds=stage2_seconds,
-            seconds_left=seconds_left,
-            survivors=k,
-            refit_ratio=refit_ratio,
-        )
-        if e2 is not None:
-            return k, e2
-    return None
+    speed = dict(
+        short=short,
+        seconds_per_epoch=seconds_per_epoch,
+        stage2_seconds=stage2_seconds,
+        seconds_left=seconds_left,
+        refit_ratio=refit_ratio,
+    )
+    e2 = long_epochs(survivors=1, **speed) if candidates >= 1 else None
+    if e2 is None:
+        return None
+    most = min(SURVIVORS, candidates)
+    k = max(k for k in range(1, most + 1) if long_epochs(survivors=k, **speed) == e2)
+    return k, e2
 
 
 def rung2_next_fits(
