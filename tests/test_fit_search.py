@@ -72,9 +72,9 @@ def test_long_schedule_fills_what_is_left_and_no_more():
 
 
 def test_long_schedule_stops_at_the_published_200_epochs():
-    # the IF 100 benchmark folder: 740 search images, E1 = ceil(40,000 / 740) = 55, so 8 E1 =
-    # 440 would let one run take 250 epochs; 200 is the cap (the published stage-1 length)
-    kw = dict(short=55, seconds_per_epoch=0.8, stage2_seconds=15.0, refit_ratio=1.2)
+    # the IF 100 benchmark folder: 895 search images, E1 = ceil(40,000 / 895) = 45, so 8 E1 =
+    # 360 let one run take 213-264 epochs; 200 is the cap (the published stage-1 length)
+    kw = dict(short=45, seconds_per_epoch=0.8, stage2_seconds=15.0, refit_ratio=1.2)
     # one survivor: (600 - 30) / (0.8 x 2.2) = 323 epochs fit, 200 train
     assert long_epochs(seconds_left=600.0, survivors=1, **kw) == search.LONG_MAX == 200
     # below the cap the budget decides as before: (300 - 30) / 1.76 = 153
