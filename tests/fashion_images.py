@@ -107,7 +107,7 @@ def fit_tree(base: Path) -> Fitted:
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        # --ensemble: the session's bundle covers the two-network path too (export, predict)
-        code = main(["fit", str(tree), "--out", str(out), "--ensemble", *FIT_ARGS])
+        # the default bundle: the two-network ensemble (export and predict cover it)
+        code = main(["fit", str(tree), "--out", str(out), *FIT_ARGS])
     assert code == 0
     return Fitted(out, tree, base / "held out", truth, buf.getvalue(), time.perf_counter() - t0)

@@ -384,10 +384,10 @@ def test_bad_override_fails_before_any_file_then_the_fixed_command_runs(tmp_path
         assert err.startswith("longtail: error: ") and len(err.strip().splitlines()) == 1
         assert named in err
         assert not out.exists(), bad
-    code, _, err = run_main(argv, capsys)
+    code, _, err = run_main([*argv, "--no-ensemble"], capsys)
     assert code == 0, err
     assert (out / "bundle" / "model.pt").is_file() and (out / "fit.json").is_file()
-    # the default (no --ensemble): the re-fit alone, from the selection run's seed
+    # --no-ensemble: the re-fit alone, from the selection run's seed
     bundle, summary = load_bundle(out), json.loads((out / "fit.json").read_text())
     assert len(members(bundle.model)) == 1 and bundle.meta["ensemble"] is None
     assert summary["refit"] and not summary["ensemble"]

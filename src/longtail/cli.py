@@ -415,10 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--ensemble",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="bundle the average of the re-fit and the selection run instead of the re-fit "
-        "alone (twice the prediction time; no better on average where measured: "
-        "docs/METHODS.md)",
+        default=True,
+        help="bundle the average of the re-fit and the selection run (default; twice the "
+        "prediction time, +0.36 points and a lower ECE on average where measured: "
+        "docs/METHODS.md); --no-ensemble: the re-fit alone",
     )
     f.set_defaults(fn=cmd_fit)
 
