@@ -89,9 +89,11 @@ def long_epochs(
     CIFAR-LT, whose folders are the size ``fit`` is for (Kang et al. 2020; MiSLAS trains mixup
     1 for 200; ../shared/docs/METHOD.md). Past it a small folder is re-seen so often that its
     training set is memorised, where re-trained heads lose (docs/RESULTS.md, issue 18). On the
-    IF 100 benchmark folder (895 images) one rung-2 run of 213-264 epochs lost 2.8 points of
-    re-fit accuracy on the mean of three seeds to two runs of 168-193; at IF 50 (2,795 images)
-    106-118 epochs gained on 70-77 (docs/RESULTS.md, "One long run, not adopted").
+    IF 100 benchmark folder (1,236 images, 895 in the search's training split) one rung-2 run
+    of 213-264 epochs lost 2.8 points of re-fit accuracy on the mean of three seeds to two runs
+    of 168-193; at IF 50 (2,795 images) 106-118 epochs gained on 70-77 (docs/RESULTS.md, "One
+    long run, not adopted"); capped, IF 100 trained 199-200 and IF 50 95-134 ("Rung 2 alone,
+    capped at 200 epochs").
     """
     if not math.isfinite(seconds_left):
         return None
