@@ -447,8 +447,8 @@ def fit(
             selection run's calibrated probabilities (the re-fit then starts from another
             seed; twice the prediction time, no extra training); ``False``: the re-fit alone.
             The default rests on benchmarks/fit_folder.py (docs/RESULTS.md, issue 19): over
-            the 42 paired fits since stage 1 trains with the logit-adjusted loss the ensemble's
-            balanced accuracy was higher on 32, lower on 8 (mean +0.36 points), and its mean
+            the 44 paired fits since stage 1 trains with the logit-adjusted loss the ensemble's
+            balanced accuracy was higher on 32, lower on 10 (mean +0.32 points), and its mean
             ECE lower on 11 of 14 folder-benchmarks.
         log: where progress lines go.
 
@@ -724,7 +724,7 @@ def fit(
         "ensemble": (
             "the default (--no-ensemble: the re-fit alone), not measured per fit (no hold-out "
             "is left once the re-fit trained on it): on benchmarks/fit_folder.py the average beat "
-            "the re-fit alone on 32 of 42 paired fits (mean +0.36 points) and lowered its mean "
+            "the re-fit alone on 32 of 44 paired fits (mean +0.32 points) and lowered its mean "
             "ECE on 11 of 14 folder-benchmarks (docs/RESULTS.md, issue 19)"
             if use_ensemble
             else "not used"
