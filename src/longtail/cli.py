@@ -417,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="bundle the average of the re-fit and the selection run (default; twice the "
-        "prediction time, +0.32 points and a lower ECE on average where measured: "
-        "docs/METHODS.md); --no-ensemble: the re-fit alone",
+        "prediction time; the measurement it rests on: docs/METHODS.md); --no-ensemble: the "
+        "re-fit alone",
     )
     f.set_defaults(fn=cmd_fit)
 

@@ -446,10 +446,8 @@ def fit(
         ensemble: with a re-fit (default), bundle the average of the re-fit's and the
             selection run's calibrated probabilities (the re-fit then starts from another
             seed; twice the prediction time, no extra training); ``False``: the re-fit alone.
-            The default rests on benchmarks/fit_folder.py (docs/RESULTS.md, issue 19): over
-            the 44 paired fits since stage 1 trains with the logit-adjusted loss the ensemble's
-            balanced accuracy was higher on 32, lower on 10 (mean +0.32 points), and its mean
-            ECE lower on 11 of 14 folder-benchmarks.
+            The default rests on benchmarks/fit_folder.py's paired fits, whose figures
+            ``fit.json``'s ``measured_on["ensemble"]`` (below) and docs/METHODS.md quote.
         log: where progress lines go.
 
     Returns:
